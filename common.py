@@ -1,0 +1,609 @@
+"""Shared contract of the CaloDREAM scripts (arXiv:2405.09629): everything two stages must agree on.
+
+Sections: geometry (SPEC 1) | CaloChallenge HDF5 I/O | preprocessing and its exact inverse (paper
+Sec. 2, SPEC 2.1) | the 3-D ViT of paper Sec. 3.2 (DiT with adaLN-Zero, SPEC 2.3) | ODE solvers
+(SPEC 2.6) | run plumbing (seeds, devices, run folders, checkpoints). No training loop lives here.
+"""
+import contextlib
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------- geometry (SPEC 1)
+N_LAYERS = 45
+MIN_ENERGY = 0.5e-3 / 0.033  # MeV: the 15.15 keV readout threshold; every voxel below it is 0
+E_MIN, E_MAX = 1e3, 1e6  # MeV: E_inc is log-uniform in [1 GeV, 1 TeV]
+U0_SCALE = 0.35  # f in u_0 = f * E_tot / E_inc (keeps u_0 inside [0, 1])
+LOGIT_EPS = 1e-6  # clamp of the logit transforms
+NOISE = 5e-6  # width of the uniform dequantisation noise on voxel fractions, and the inverse cut
+ZENODO = {2: (6366271, ["dataset_2_1.hdf5"], ["dataset_2_2.hdf5"]),
+          3: (6366324, ["dataset_3_1.hdf5", "dataset_3_2.hdf5"], ["dataset_3_3.hdf5", "dataset_3_4.hdf5"])}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Cylindrical readout of one dataset: 45 layers x n_alpha angular x n_r radial bins."""
+    ds: int
+    n_alpha: int
+    n_r: int
+    r_edges: tuple  # mm, the decimal values of the CaloChallenge binning files
+
+    @property
+    def shape(self):  # (layers, alpha, r)
+        return (N_LAYERS, self.n_alpha, self.n_r)
+
+    @property
+    def n_vox(self):
+        return N_LAYERS * self.n_alpha * self.n_r
+
+    @property
+    def alpha_edges(self):
+        return np.linspace(-np.pi, np.pi, self.n_alpha + 1)
+
+    @staticmethod
+    def _centres(edges):
+        edges = np.asarray(edges, dtype=np.float64)
+        lo, hi = edges[:-1], edges[1:]
+        return lo + (hi - lo) / 2
+
+    @property
+    def r_centres(self):
+        return self._centres(self.r_edges)
+
+    @property
+    def alpha_centres(self):
+        return self._centres(self.alpha_edges)
+
+    def voxel_xyr(self):
+        """x, y, r (mm, float64) of the n_alpha*n_r voxels of one layer, flat index alpha*n_r + r."""
+        alpha, r = np.meshgrid(self.alpha_centres, self.r_centres, indexing="ij")
+        r = r.reshape(-1)
+        alpha = alpha.reshape(-1)
+        return r * np.cos(alpha), r * np.sin(alpha), r
+
+
+def _edges(step, n):  # decimal literals k*step, parsed like the binning files' text
+    return tuple(float(f"{k * step:.3f}") for k in range(n + 1))
+
+
+GEOMETRIES = {2: Geometry(2, 16, 9, _edges(4.65, 9)), 3: Geometry(3, 50, 18, _edges(2.325, 18))}
+
+
+def geometry(ds):
+    if ds not in GEOMETRIES:
+        raise ValueError(f"--ds must be 2 or 3, got {ds!r}")
+    return GEOMETRIES[ds]
+
+
+# ----------------------------------------------------------------------------- CaloChallenge HDF5 I/O
+class DataError(Exception):
+    """Bad input data; the message is one sentence naming the file and the problem."""
+
+
+def data_files(ds, data_dir="data", toy=False, split="train"):
+    """Default files of a dataset: split 'train' (training) or 'ref' (held-out reference)."""
+    if toy:
+        return [Path(data_dir) / f"toy_ds{ds}_{split}.hdf5"]
+    _, train, ref = ZENODO[ds]
+    return [Path(data_dir) / name for name in (train if split == "train" else ref)]
+
+
+def _missing_message(path):
+    name = Path(path).name
+    for ds, (record, train, ref) in ZENODO.items():
+        if name in train + ref:
+            return (f"{path} not found: download it with `python data.py download --ds {ds}` (or from "
+                    f"https://zenodo.org/records/{record}/files/{name}?download=1), or try the synthetic "
+                    f"showers with `python data.py toy --ds {ds}` and --toy")
+    if name.startswith("toy_ds"):
+        return f"{path} not found: create the synthetic showers with `python data.py toy --ds {name[6]}`"
+    return f"{path} not found"
+
+
+def open_showers(path, ds):
+    """Open one CaloChallenge file for reading and check its layout; returns (h5 file, n showers)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(_missing_message(path))
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise DataError(f"{path} is not a readable HDF5 file ({err})") from None
+    for key in ("incident_energies", "showers"):
+        if key not in f:
+            f.close()
+            raise DataError(f"{path} has no '{key}' dataset (a CaloChallenge file holds "
+                            f"'incident_energies' and 'showers')")
+    n, n_vox = f["showers"].shape[0], int(np.prod(f["showers"].shape[1:]))
+    if n_vox != geometry(ds).n_vox:
+        other = [d for d, g in GEOMETRIES.items() if g.n_vox == n_vox]
+        hint = f" (that is dataset {other[0]}: use --ds {other[0]})" if other else ""
+        f.close()
+        raise DataError(f"{path} has {n_vox} voxels per shower but --ds {ds} needs "
+                        f"{geometry(ds).n_vox}{hint}")
+    if f["incident_energies"].shape[0] != n:
+        f.close()
+        raise DataError(f"{path} has {f['incident_energies'].shape[0]} incident energies but {n} showers")
+    return f, n
+
+
+def load_showers(paths, ds, max_showers=None, chunk=5000, progress=True):
+    """Read CaloChallenge files as float32, chunk by chunk (never a float64 copy of the whole file).
+
+    Returns e_inc (N,) and showers (N, n_vox), both float32 MeV; several files are concatenated."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    handles = [open_showers(p, ds) for p in paths]
+    sizes = [n for _, n in handles]
+    total = sum(sizes) if max_showers is None else min(sum(sizes), max_showers)
+    e_inc = np.empty(total, dtype=np.float32)
+    showers = np.empty((total, geometry(ds).n_vox), dtype=np.float32)
+    bar = tqdm(total=total, desc="loading showers", unit="shower", disable=not progress, leave=False)
+    done = 0
+    try:
+        for path, (f, n) in zip(paths, handles):
+            for start in range(0, min(n, total - done), chunk):
+                stop = min(start + chunk, n, start + total - done)
+                e = f["incident_energies"][start:stop].reshape(-1)
+                x = f["showers"][start:stop].reshape(stop - start, -1)
+                if not (np.isfinite(e).all() and np.isfinite(x).all()):
+                    raise DataError(f"{path} holds NaN or inf values (showers {start}-{stop})")
+                if (e <= 0).any() or (x < 0).any():
+                    raise DataError(f"{path} holds negative energies (showers {start}-{stop})")
+                e_inc[done:done + stop - start] = e
+                showers[done:done + stop - start] = x
+                done += stop - start
+                bar.update(stop - start)
+            if done >= total:
+                break
+    finally:
+        bar.close()
+        for f, _ in handles:
+            f.close()
+    return e_inc, showers
+
+
+class ShowerWriter:
+    """Stream showers into a CaloChallenge file: write under a temporary name, rename at the end.
+
+        with ShowerWriter("gen.hdf5", n=100000, ds=2) as w:
+            w.write(e_inc_batch, shower_batch)   # MeV, any batch size, in order
+
+    float64 and gzip like the official files (the official evaluator's low-level classifier needs
+    float64). An exception or an incomplete file leaves nothing under the final name."""
+
+    def __init__(self, path, n, ds, overwrite=False, dtype="float64"):
+        self.path, self.n, self.n_vox, self.dtype = Path(path), int(n), geometry(ds).n_vox, dtype
+        if self.path.exists() and not overwrite:
+            raise FileExistsError(f"{self.path} exists; pass --overwrite to replace it")
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.done = 0
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = h5py.File(self.tmp, "w")
+        rows = max(1, min(self.n, 2 ** 20 // (8 * self.n_vox)))  # ~1 MB chunks
+        self.e = self.f.create_dataset("incident_energies", (self.n, 1), dtype=self.dtype,
+                                       compression="gzip", chunks=(min(self.n, 4096), 1))
+        self.x = self.f.create_dataset("showers", (self.n, self.n_vox), dtype=self.dtype,
+                                       compression="gzip", chunks=(rows, self.n_vox))
+        return self
+
+    def write(self, e_inc, showers):
+        e_inc = _numpy(e_inc).reshape(-1, 1)
+        showers = _numpy(showers).reshape(len(e_inc), -1)
+        if showers.shape[1] != self.n_vox:
+            raise ValueError(f"showers have {showers.shape[1]} voxels, the file expects {self.n_vox}")
+        if self.done + len(e_inc) > self.n:
+            raise ValueError(f"writing more than the {self.n} showers announced for {self.path}")
+        if not np.isfinite(showers).all():
+            raise ValueError(f"refusing to write NaN/inf showers to {self.path}")
+        self.e[self.done:self.done + len(e_inc)] = e_inc
+        self.x[self.done:self.done + len(e_inc)] = showers
+        self.done += len(e_inc)
+
+    def __exit__(self, exc_type, exc, tb):
+        self.f.close()
+        if exc_type is not None or self.done != self.n:
+            self.tmp.unlink(missing_ok=True)
+            if exc_type is None:
+                raise ValueError(f"only {self.done} of {self.n} showers were written; {self.path} not created")
+            return False
+        os.replace(self.tmp, self.path)
+        return False
+
+
+def write_showers(path, e_inc, showers, ds, overwrite=False):
+    """Write a whole sample at once (small files); see ShowerWriter for streaming."""
+    with ShowerWriter(path, len(e_inc), ds, overwrite=overwrite) as w:
+        for s in range(0, len(e_inc), 10000):
+            w.write(e_inc[s:s + 10000], showers[s:s + 10000])
+
+
+def _numpy(x):
+    return x.detach().cpu().double().numpy() if torch.is_tensor(x) else np.asarray(x, dtype=np.float64)
+
+
+def split_indices(n, val_fraction=0.1, seed=0):
+    """Deterministic train/validation split of n showers."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * val_fraction))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def sample_e_inc(n, generator=None):
+    """E_inc in MeV from the log-uniform law of the datasets."""
+    z = torch.rand(n, generator=generator, dtype=torch.float64)
+    return torch.exp(math.log(E_MIN) + z * (math.log(E_MAX) - math.log(E_MIN)))
+
+
+# ----------------------------------------------------------------------------- preprocessing (SPEC 2.1)
+def energy_condition(e_inc):
+    """c_E = (ln E_inc - ln 1 GeV) / ln 1000, in [0, 1]."""
+    return (torch.log(e_inc) - math.log(E_MIN)) / (math.log(E_MAX) - math.log(E_MIN))
+
+
+def layer_energies(showers, ds):
+    """(N, n_vox) -> (N, 45) energy per layer."""
+    return showers.reshape(showers.shape[0], N_LAYERS, -1).sum(-1)
+
+
+def energies_to_u(e_inc, layer_e):
+    """Layer energies -> the 45 u's: u_0 = f E_tot / E_inc, u_{l+1} = E_l / sum_{k>=l} E_k."""
+    e = layer_e.double()
+    remaining = e.flip(-1).cumsum(-1).flip(-1)  # sum_{k>=l} E_k
+    u0 = U0_SCALE * remaining[:, :1] / e_inc.double().reshape(-1, 1)
+    return torch.cat([u0, e[:, :-1] / (remaining[:, :-1] + 1e-10)], dim=1)
+
+
+def u_to_energies(e_inc, u):
+    """Exact inverse of energies_to_u (float64): u_1..u_44 clipped to [0, 1], E_44 the remainder."""
+    u = u.double()
+    remaining = e_inc.double().reshape(-1) * u[:, 0].clamp(min=0) / U0_SCALE
+    out = []
+    for l in range(N_LAYERS - 1):
+        e_l = remaining * u[:, l + 1].clamp(0, 1)
+        out.append(e_l)
+        remaining = (remaining - e_l).clamp(min=0)
+    out.append(remaining)
+    return torch.stack(out, dim=1)
+
+
+def logit(x):
+    return torch.logit(x, eps=LOGIT_EPS)
+
+
+def inverse_logit(z):
+    """sigmoid, with the clamp edges of logit() mapped back to the point masses 0 and 1."""
+    x = torch.sigmoid(z.double())
+    return torch.where(x < 2 * LOGIT_EPS, 0.0, torch.where(x > 1 - 2 * LOGIT_EPS, 1.0, x))
+
+
+def fit_standardizer(x, dim=0):
+    """Mean and std along dim (float64 accumulation); the std never drops below 1e-6."""
+    x = x.double()
+    return {"mean": x.mean(dim).float(), "std": x.std(dim).clamp(min=1e-6).float()}
+
+
+def standardize(x, stats):
+    return (x - stats["mean"].to(x.device)) / stats["std"].to(x.device)
+
+
+def unstandardize(z, stats):
+    return z * stats["std"].to(z.device) + stats["mean"].to(z.device)
+
+
+def u_features(u):
+    """Shape-model view of the u's: u_0 linear, u_1..u_44 through the clamped logit."""
+    return torch.cat([u[:, :1], logit(u[:, 1:])], dim=1).float()
+
+
+def shape_condition(e_inc, u, cond_stats):
+    """The 46-number condition of the shape networks: [c_E, standardised u features]."""
+    c_e = energy_condition(e_inc.double()).float().reshape(-1, 1)
+    return torch.cat([c_e.to(u.device), standardize(u_features(u), cond_stats)], dim=1)
+
+
+def voxel_fractions(showers, ds):
+    """(N, n_vox) MeV -> per-layer fractions (N, 45, n_alpha, n_r) and layer energies (N, 45)."""
+    g = geometry(ds)
+    x = showers.reshape(-1, N_LAYERS, g.n_alpha * g.n_r).float()
+    e = x.sum(-1, keepdim=True)
+    return (x / (e + 1e-10)).reshape(-1, *g.shape), e.squeeze(-1)
+
+
+def fractions_to_logit(frac, noise=True, generator=None):
+    """Dequantise (fresh U(0, 5e-6) noise each call) and take the clamped logit."""
+    if noise:
+        frac = frac + NOISE * torch.rand(frac.shape, generator=generator, device=frac.device)
+    return logit(frac)
+
+
+def fit_shape_stats(e_inc, showers, ds, chunk=2000, seed=0):
+    """Preprocessing statistics of the shape networks from the training split only.
+
+    vox: per-voxel mean/std of the dequantised logit fractions (accumulated chunk by chunk, so DS3
+    needs no second copy of the data); cond: mean/std of the 45 u features."""
+    gen = torch.Generator().manual_seed(seed)
+    s1 = s2 = 0.0
+    n = len(showers)
+    for i in range(0, n, chunk):
+        frac, _ = voxel_fractions(torch.as_tensor(showers[i:i + chunk]), ds)
+        z = fractions_to_logit(frac, generator=gen).double()
+        s1, s2 = s1 + z.sum(0), s2 + (z * z).sum(0)
+    mean = s1 / n
+    std = (s2 / n - mean ** 2).clamp(min=0).sqrt().clamp(min=1e-6)
+    u = energies_to_u(torch.as_tensor(e_inc), layer_energies(torch.as_tensor(showers), ds))
+    return {"vox": {"mean": mean.float(), "std": std.float()},
+            "cond": fit_standardizer(u_features(u))}
+
+
+def showers_to_net(showers, ds, stats, noise=True, generator=None):
+    """Physical showers (N, n_vox) -> network space (N, 1, 45, n_alpha, n_r)."""
+    frac, _ = voxel_fractions(showers, ds)
+    return standardize(fractions_to_logit(frac, noise, generator), stats["vox"]).unsqueeze(1)
+
+
+def fractions_to_showers(frac, layer_e, cut=NOISE):
+    """Per-layer fractions (N, 45, ...) -> showers (N, n_vox) MeV: zero fractions below `cut`,
+    renormalise every layer to unit sum, scale by its energy, apply the 15.15 keV threshold."""
+    frac = frac.double().reshape(frac.shape[0], N_LAYERS, -1).clamp(min=0)
+    frac = torch.where(frac < cut, 0.0, frac)
+    frac = frac / frac.sum(-1, keepdim=True).clamp(min=1e-300)
+    x = frac * layer_e.double().to(frac.device).unsqueeze(-1)
+    return torch.where(x < MIN_ENERGY, 0.0, x).reshape(frac.shape[0], -1)
+
+
+def net_to_showers(z, layer_e, stats):
+    """Exact inverse of showers_to_net: unstandardise, sigmoid, cut, renormalise, scale."""
+    frac = torch.sigmoid(unstandardize(z.squeeze(1).float(), stats["vox"]).double())
+    return fractions_to_showers(frac, layer_e)
+
+
+# ----------------------------------------------------------------------------- 3-D ViT (SPEC 2.3)
+@dataclass
+class ViTConfig:
+    in_shape: tuple = (1, 45, 16, 9)  # (channels, layers, alpha, r)
+    patch: tuple = (3, 16, 1)
+    dim: int = 480
+    heads: int = 6
+    mlp: int = 1920
+    depth: int = 6
+    cond_dim: int = 46  # [c_E, 45 u's]
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        return self.proj(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"))
+
+
+class DiTBlock(nn.Module):
+    """x += gate * f(LN(x) (1 + scale) + shift) for f = attention, then MLP; adaLN-Zero."""
+
+    def __init__(self, dim, heads, mlp):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(approximate="tanh"), nn.Linear(mlp, dim))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=1)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class ViT(nn.Module):
+    """Velocity field v(x_t, t, c) on a (C, L, A, R) grid: patchify, Fourier positions, DiT blocks."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        c, *grid = cfg.in_shape
+        if any(g % p for g, p in zip(grid, cfg.patch)):
+            raise ValueError(f"patch {cfg.patch} does not tile the grid {tuple(grid)}")
+        if cfg.dim % 6:
+            raise ValueError(f"embed dim {cfg.dim} must be divisible by 6 (sin/cos for 3 axes)")
+        self.grid = [g // p for g, p in zip(grid, cfg.patch)]
+        patch_dim = c * math.prod(cfg.patch)
+        self.embed = nn.Linear(patch_dim, cfg.dim)
+        self.pos_freq = nn.Parameter(torch.randn(3, cfg.dim // 6))  # learnable frequencies per axis
+        axes = [torch.arange(n) / n for n in self.grid]  # patch-grid coordinates in [0, 1)
+        self.register_buffer("coords", torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3),
+                             persistent=False)
+        self.t_embed = nn.Sequential(nn.Linear(256, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.c_embed = nn.Sequential(nn.Linear(cfg.cond_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.blocks = nn.ModuleList(DiTBlock(cfg.dim, cfg.heads, cfg.mlp) for _ in range(cfg.depth))
+        self.final_norm = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 2 * cfg.dim))
+        self.final = nn.Linear(cfg.dim, patch_dim)
+        self.grad_checkpoint = False
+        self._init()
+
+    def _init(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for lin in (self.t_embed[0], self.t_embed[2]):
+            nn.init.normal_(lin.weight, std=0.02)
+        for lin in [b.ada[1] for b in self.blocks] + [self.final_ada[1], self.final]:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def positions(self):
+        arg = 2 * math.pi * self.coords.unsqueeze(-1) * self.pos_freq  # (tokens, 3, dim/6)
+        return torch.cat([arg.sin(), arg.cos()], -1).reshape(len(self.coords), -1)
+
+    @staticmethod
+    def time_features(t, n=256):
+        """DiT sinusoidal features of t in [0, 1] (unscaled), frequencies 10000^(-k/128)."""
+        freqs = torch.exp(-math.log(10000) * torch.arange(n // 2, device=t.device) / (n // 2))
+        arg = t.float().reshape(-1, 1) * freqs
+        return torch.cat([arg.cos(), arg.sin()], -1)
+
+    def forward(self, x, t, cond):
+        (p1, p2, p3), (l, a, r) = self.cfg.patch, self.grid
+        h = rearrange(x, "b c (l p1) (a p2) (r p3) -> b (l a r) (p1 p2 p3 c)", p1=p1, p2=p2, p3=p3)
+        h = self.embed(h) + self.positions()
+        t = t.expand(x.shape[0]) if t.dim() == 0 or t.numel() == 1 else t
+        c = self.t_embed(self.time_features(t)) + self.c_embed(cond)
+        for block in self.blocks:
+            if self.grad_checkpoint and self.training:
+                h = torch.utils.checkpoint.checkpoint(block, h, c, use_reentrant=False)
+            else:
+                h = block(h, c)
+        shift, scale = self.final_ada(c).chunk(2, dim=1)
+        h = self.final(modulate(self.final_norm(h), shift, scale))
+        return rearrange(h, "b (l a r) (p1 p2 p3 c) -> b c (l p1) (a p2) (r p3)",
+                         l=l, a=a, r=r, p1=p1, p2=p2, p3=p3)
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def cfm_loss(model, x1, cond, generator=None):
+    """Conditional flow matching (paper Eq. 6): x_t = (1-t) x0 + t x1, target velocity x1 - x0."""
+    x0 = torch.randn(x1.shape, generator=generator, device=x1.device)
+    t = torch.rand(x1.shape[0], generator=generator, device=x1.device)
+    tb = t.reshape(-1, *[1] * (x1.dim() - 1))
+    v = model((1 - tb) * x0 + tb * x1, t, cond)
+    return F.mse_loss(v.float(), x1 - x0)
+
+
+# ----------------------------------------------------------------------------- ODE solvers (SPEC 2.6)
+NFE_PER_STEP = {"euler": 1, "midpoint": 2, "rk4": 4}
+
+
+@torch.no_grad()
+def solve(velocity, x0, steps, method="rk4", t0=0.0, t1=1.0):
+    """Integrate dx/dt = velocity(x, t) from t0 to t1 in `steps` fixed steps.
+
+    velocity(x, t) takes a tensor and a python float. Returns (x(t1), number of evaluations).
+    'rk4' is the 3/8 rule of the reference code."""
+    if method not in NFE_PER_STEP:
+        raise ValueError(f"unknown solver {method!r}; choose from {sorted(NFE_PER_STEP)}")
+    h, x = (t1 - t0) / steps, x0
+    for i in range(steps):
+        t = t0 + i * h
+        if method == "euler":
+            x = x + h * velocity(x, t)
+        elif method == "midpoint":
+            x = x + h * velocity(x + h / 2 * velocity(x, t), t + h / 2)
+        else:
+            k1 = velocity(x, t)
+            k2 = velocity(x + h * k1 / 3, t + h / 3)
+            k3 = velocity(x + h * (k2 - k1 / 3), t + 2 * h / 3)
+            k4 = velocity(x + h * (k1 - k2 + k3), t + h)
+            x = x + h * (k1 + 3 * k2 + 3 * k3 + k4) / 8
+    return x, steps * NFE_PER_STEP[method]
+
+
+# ----------------------------------------------------------------------------- run plumbing
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def pick_device(name=None):
+    """'cuda' when present, else 'cpu'; --device forces one (and fails clearly if absent)."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: no CUDA device is visible")
+    return torch.device(name)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (flash attention through SDPA); full precision on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def make_run_dir(script, ds, root="runs"):
+    """runs/<script>-ds<N>-<YYYYmmdd-HHMMSS>/ (a suffix keeps two runs in one second apart)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for k in range(100):
+        path = Path(root) / f"{script}-ds{ds}-{stamp}{'' if k == 0 else f'-{k}'}"
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a run folder under {root}")
+
+
+class Log:
+    """Print a line and append it to <run>/log.txt."""
+
+    def __init__(self, run_dir):
+        self.path = Path(run_dir) / "log.txt" if run_dir else None
+
+    def __call__(self, *msg):
+        line = " ".join(str(m) for m in msg)
+        tqdm.write(line)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+
+
+def save_checkpoint(path, **state):
+    """Atomic torch.save: a killed run never leaves a truncated checkpoint behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, script=None, ds=None, map_location="cpu"):
+    """Load a checkpoint (a file, or a run folder holding ckpt.pt) with weights_only=True and check
+    that it was written by `script` for dataset `ds`."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "ckpt.pt"
+    if not path.is_file():
+        raise DataError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated or foreign file
+        raise DataError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from None
+    if script is not None and ckpt.get("script") != script:
+        raise DataError(f"{path} was written by {ckpt.get('script')!r}, but a {script!r} checkpoint is needed")
+    if ds is not None and ckpt.get("ds") != ds:
+        raise DataError(f"{path} is a dataset-{ckpt.get('ds')} checkpoint, but --ds is {ds}")
+    return ckpt
+
+
+def find_latest_run(script, ds, root="runs"):
+    """Newest runs/<script>-ds<N>-*/ckpt.pt; says which it took."""
+    runs = sorted(Path(root).glob(f"{script}-ds{ds}-*/ckpt.pt"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise DataError(f"no {script} run for dataset {ds} under {root}/: train one with "
+                        f"`python {script}.py --ds {ds}` or pass its checkpoint path")
+    print(f"using the newest {script} run: {runs[-1].parent}")
+    return runs[-1]
