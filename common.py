@@ -132,9 +132,10 @@ def open_showers(path, ds):
         f.close()
         raise DataError(f"{path} has {n_vox} voxels per shower but --ds {ds} needs "
                         f"{geometry(ds).n_vox}{hint}")
-    if f["incident_energies"].shape[0] != n:
+    n_e = f["incident_energies"].shape[0]
+    if n_e != n:
         f.close()
-        raise DataError(f"{path} has {f['incident_energies'].shape[0]} incident energies but {n} showers")
+        raise DataError(f"{path} has {n_e} incident energies but {n} showers")
     return f, n
 
 
