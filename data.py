@@ -1,0 +1,211 @@
+"""Data for the CaloDREAM scripts: synthetic CaloChallenge showers, and the real files from Zenodo.
+
+    python data.py toy --ds 2                # data/toy_ds2_train.hdf5 (20000) + data/toy_ds2_ref.hdf5 (20000)
+    python data.py toy --ds 3                # data/toy_ds3_{train,ref}.hdf5 (5000 + 5000; 40500 voxels each)
+    python data.py download --ds 2           # data/dataset_2_1.hdf5 + dataset_2_2.hdf5 (2.7 GB, MD5-checked)
+    python data.py download --ds 3 --files dataset_3_1.hdf5
+
+The real data (SPEC 1) are electron showers in a W/Si sampling calorimeter: 45 readout layers of
+0.8 X0 each, E_inc log-uniform in [1 GeV, 1 TeV]. The toy showers are made in the same format
+(float64, gzip, `incident_energies` (N,1) and `showers` (N, n_vox), MeV) from a parametric model, so
+that every script, demo and test has data with real structure and runs without the 2.7 GB download:
+
+  response    E_vis = E_inc * RESPONSE * (1 + sigma_E N(0,1)), sigma_E = RES_A/sqrt(E/GeV) (+) RES_B
+  longitudinal  dE/dt = E_vis * Gamma(t; a, b) = b^a t^(a-1) e^(-bt) / Gamma(a) (t in X0, from the
+              front face), t_max = (a-1)/b with mean ln(E_inc/E_C) + C_TMAX and mean b ~ B_MEAN; ln t_max
+              and ln a fluctuate shower by shower as a correlated 2-D Gaussian (widths and correlation of
+              Grindhammer & Peters, hep-ex/0001020, for homogeneous media). Integrated per layer
+              [0.8 l, 0.8 (l+1)] by the midpoint rule on SUB points per layer; what lies beyond 36 X0
+              is lost (longitudinal leakage).
+  spots       the energy is carried by discrete spots: N_l ~ Poisson(E_l / e_spot) per layer, spot
+              energies log-normal (SPOT_SIGMA) with mean e_spot = SPOT_E0 * (E_inc/GeV)^SPOT_GAMMA, then all
+              spots of a shower rescaled so their sum is E_vis * (contained fraction): the total keeps
+              exactly the resolution above, the layers keep the Poisson fluctuations (sparse, late
+              and early layers often empty, u = 0; the last non-empty layer has u = 1).
+  lateral     core + halo: f(r) ~ p r Rc^2/(r^2+Rc^2)^2 + (1-p) r Rt^2/(r^2+Rt^2)^2 with
+              Rc = R_M (CORE0 + CORE1 tau), Rt = R_M (TAIL0 + TAIL1 tau), p = clip(P0 - P1 tau, PMIN, P0),
+              tau = t / t_max; both widths scaled by one log-normal factor per shower (WIDTH_SIGMA).
+              Azimuth uniform around a shower axis x = x0 + theta_x z (x0 ~ N(0, AXIS_SIGMA mm),
+              theta ~ N(0, TILT_SIGMA), z = 3.4 mm per layer), so centres of energy fluctuate around 0.
+              Spots are histogrammed into the (alpha, r) voxels; r > 41.85 mm is lost (lateral leakage);
+              voxels below the 15.15 keV threshold (common.MIN_ENERGY) are set to exactly 0.
+
+The spot energy grows like sqrt(E_inc) (2 MeV at 1 GeV, 63 MeV at 1 TeV) instead of staying at a few
+MeV: a 1 TeV shower would otherwise need 5e5 spots. 20k DS2 showers take about half a minute.
+Every parameter is in the block below; /work/notes/readme_data.md has the table.
+"""
+import argparse
+import hashlib
+import math
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import common
+
+# ----------------------------------------------------------------------------- toy model parameters
+X0_PER_LAYER = 0.8  # radiation lengths of W per readout layer (2 x 1.4 mm W + 2 x 0.3 mm Si)
+MM_PER_LAYER = 3.4  # depth of one readout layer (for the tilt of the shower axis)
+SUB = 16  # integration points per layer for the longitudinal profile
+E_C = 8.0  # MeV, critical energy of tungsten
+C_TMAX = -0.5  # t_max = ln(E_inc / E_C) + C_TMAX (mean)
+B_MEAN = 0.5  # mean slope b of the Gamma profile; a = 1 + b t_max
+RESPONSE = 0.98  # mean E_vis / E_inc before leakage and threshold
+RES_A, RES_B = 0.08, 0.01  # sigma/E = RES_A / sqrt(E/GeV) (+) RES_B
+SPOT_E0, SPOT_GAMMA = 2.0, 0.5  # mean spot energy e_spot = SPOT_E0 (E_inc/GeV)^SPOT_GAMMA, MeV
+SPOT_SIGMA = 1.2  # spot energies log-normal (width in ln E, mean e_spot): voxel spectrum spans decades
+R_M = 9.3  # mm, Moliere radius of tungsten
+CORE0, CORE1 = 0.12, 0.10  # core width Rc / R_M = CORE0 + CORE1 tau
+TAIL0, TAIL1 = 0.60, 0.35  # halo width Rt / R_M = TAIL0 + TAIL1 tau
+P0, P1, PMIN = 0.90, 0.25, 0.35  # core fraction p = clip(P0 - P1 tau, PMIN, P0)
+WIDTH_SIGMA = 0.10  # log-normal shower-to-shower spread of both widths
+AXIS_SIGMA, TILT_SIGMA = 0.8, 0.005  # mm offset and rad tilt of the shower axis (per coordinate)
+REF_SEED_OFFSET = 1_000_003  # the reference file uses seed + this
+TOY_SIZES = {2: (20000, 20000), 3: (5000, 5000)}  # default (train, ref) showers
+
+# ----------------------------------------------------------------------------- Zenodo files (SPEC 1)
+MD5 = {"dataset_2_1.hdf5": "e590333e9a2da51b258288d74bd8357a",
+       "dataset_2_2.hdf5": "7a56fd68aa53ded37c2ac445694d9736",
+       "dataset_3_1.hdf5": "d33f03418aa311b0965452fcbef1ff87",
+       "dataset_3_2.hdf5": "911dec2c40aafa64a07b7450b80881bf",
+       "dataset_3_3.hdf5": "5ea62f6831a1821bb5035fafc9f030e8",
+       "dataset_3_4.hdf5": "5e8d82e6a6c28c6914a3b602a1cfa299"}
+SIZES = {"dataset_2_1.hdf5": 1_356_475_617, "dataset_2_2.hdf5": 1_366_708_391}  # bytes (DS3: not listed)
+
+
+# ----------------------------------------------------------------------------- toy generator
+def _longitudinal(e_inc, rng):
+    """Per-shower Gamma profile: fraction of E_vis in each of the 45 layers (B, 45) and t_max (B,)."""
+    ln_y = np.log(e_inc / E_C)
+    t_mean = ln_y + C_TMAX
+    sig_t = 1.0 / (-1.4 + 1.26 * ln_y)  # Grindhammer-Peters fluctuations of ln T and ln alpha
+    sig_a = 1.0 / (-0.58 + 0.86 * ln_y)
+    rho = 0.705 - 0.023 * ln_y
+    z1, z2 = rng.standard_normal((2, len(e_inc)))
+    t_max = t_mean * np.exp(sig_t * z1 - sig_t ** 2 / 2)
+    a = np.maximum((1 + B_MEAN * t_mean) * np.exp(sig_a * (rho * z1 + np.sqrt(1 - rho ** 2) * z2)), 1.05)
+    b = (a - 1) / t_max
+    dt = X0_PER_LAYER / SUB
+    t = (np.arange(common.N_LAYERS * SUB) + 0.5) * dt  # midpoints
+    lgam = np.array([math.lgamma(v) for v in a])
+    log_pdf = (a[:, None] - 1) * np.log(t) - b[:, None] * t + (a * np.log(b) - lgam)[:, None]
+    frac = np.exp(log_pdf).reshape(len(e_inc), common.N_LAYERS, SUB).sum(-1) * dt
+    return frac / np.maximum(frac.sum(1, keepdims=True), 1.0), t_max  # beyond 36 X0 is lost
+
+
+def _toy_batch(ds, e_inc, rng):
+    """Showers (B, n_vox) float32 for the incident energies e_inc (B,) in MeV."""
+    g = common.geometry(ds)
+    n, n_lay = len(e_inc), common.N_LAYERS
+    frac, t_max = _longitudinal(e_inc, rng)
+    e_gev = e_inc / 1e3
+    sigma = np.sqrt(RES_A ** 2 / e_gev + RES_B ** 2)
+    e_vis = e_inc * RESPONSE * np.clip(1 + sigma * rng.standard_normal(n), 0.05, None)
+    e_spot = SPOT_E0 * e_gev ** SPOT_GAMMA
+    counts = rng.poisson(e_vis[:, None] * frac / e_spot[:, None])  # spots per (shower, layer)
+    cell = np.repeat(np.arange(n * n_lay), counts.reshape(-1))  # (shower, layer) of every spot
+    shower, layer = cell // n_lay, cell % n_lay
+    energy = np.exp(SPOT_SIGMA * rng.standard_normal(len(cell)) - SPOT_SIGMA ** 2 / 2) * e_spot[shower]
+    total = np.bincount(shower, weights=energy, minlength=n)
+    energy *= (e_vis * frac.sum(1) / np.maximum(total, 1e-30))[shower]  # total keeps the resolution
+    # lateral profile of each (shower, layer): widths grow with depth tau = t / t_max
+    tau = (np.arange(n_lay) + 0.5) * X0_PER_LAYER / t_max[:, None]
+    width = np.exp(WIDTH_SIGMA * rng.standard_normal(n))[:, None] * R_M
+    r_core = (width * (CORE0 + CORE1 * tau)).reshape(-1)[cell]
+    r_tail = (width * (TAIL0 + TAIL1 * tau)).reshape(-1)[cell]
+    p_core = np.clip(P0 - P1 * tau, PMIN, P0).reshape(-1)[cell]
+    radius = np.where(rng.random(len(cell)) < p_core, r_core, r_tail)
+    v = rng.random(len(cell))
+    r = radius * np.sqrt(v / (1 - v))  # inverse CDF of r R^2/(r^2+R^2)^2: F = r^2/(r^2+R^2)
+    phi = rng.uniform(-np.pi, np.pi, len(cell))
+    x0, y0, tx, ty = rng.standard_normal((4, n)) * np.array([[AXIS_SIGMA], [AXIS_SIGMA], [TILT_SIGMA], [TILT_SIGMA]])
+    z = (layer + 0.5) * MM_PER_LAYER
+    x = r * np.cos(phi) + x0[shower] + tx[shower] * z
+    y = r * np.sin(phi) + y0[shower] + ty[shower] * z
+    r_edges = np.asarray(g.r_edges)
+    r_bin = np.searchsorted(r_edges, np.hypot(x, y), side="right") - 1
+    a_bin = np.minimum(((np.arctan2(y, x) + np.pi) / (2 * np.pi) * g.n_alpha).astype(np.int64), g.n_alpha - 1)
+    inside = r_bin < g.n_r  # beyond the last edge: lateral leakage
+    flat = (shower * g.n_vox + layer * (g.n_alpha * g.n_r) + a_bin * g.n_r + r_bin)[inside]
+    showers = np.bincount(flat, weights=energy[inside], minlength=n * g.n_vox).reshape(n, g.n_vox)
+    showers[showers < common.MIN_ENERGY] = 0.0
+    return showers.astype(np.float32)
+
+
+def _batch_size(ds):
+    return max(16, 3_000_000 // common.geometry(ds).n_vox)  # ~24 MB of float64 voxels per batch
+
+
+def toy_batches(ds, n, seed=0):
+    """Yield (e_inc float64 (B,), showers float32 (B, n_vox)) batches of the n toy showers of a seed.
+
+    Batch k draws from default_rng([seed, k]), so the same (ds, n, seed) always gives the same file."""
+    common.geometry(ds)
+    if n < 1:
+        raise ValueError(f"the number of showers must be positive, got {n}")
+    size = _batch_size(ds)
+    for k, start in enumerate(range(0, n, size)):
+        rng = np.random.default_rng([seed, k])
+        m = min(size, n - start)
+        e_inc = np.exp(rng.uniform(math.log(common.E_MIN), math.log(common.E_MAX), m))
+        yield e_inc, _toy_batch(ds, e_inc, rng)
+
+
+def generate_toy(ds, n, seed=0):
+    """n toy showers in memory: e_inc float64 (n,) MeV and showers float32 (n, n_vox) MeV."""
+    parts = list(toy_batches(ds, n, seed))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def write_toy(ds, n, path, seed=0, overwrite=False, progress=False):
+    """Write n toy showers to one CaloChallenge file (float64, gzip; temp name, then renamed)."""
+    with common.ShowerWriter(path, n, ds, overwrite=overwrite) as w, \
+            tqdm(total=n, desc=Path(path).name, unit="shower", disable=not progress, leave=False) as bar:
+        for e_inc, showers in toy_batches(ds, n, seed):
+            w.write(e_inc, showers)
+            bar.update(len(e_inc))
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------- command line
+def toy_command(args):
+    sizes = TOY_SIZES[args.ds]
+    jobs = [("train", args.n or sizes[0], args.seed), ("ref", args.n_ref or args.n or sizes[1], args.seed + REF_SEED_OFFSET)]
+    paths = [Path(args.out) / f"toy_ds{args.ds}_{split}.hdf5" for split, _, _ in jobs]
+    for path in paths:  # refuse before spending any time
+        if path.exists() and not args.overwrite:
+            raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    for path, (split, n, seed) in zip(paths, jobs):
+        start = time.time()
+        write_toy(args.ds, n, path, seed=seed, overwrite=args.overwrite, progress=not args.no_progress)
+        print(f"wrote {path}: {n} showers (seed {seed}), {path.stat().st_size / 1e6:.1f} MB, "
+              f"{time.time() - start:.1f} s")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    toy = sub.add_parser("toy", help="write synthetic showers data/toy_ds{ds}_{train,ref}.hdf5")
+    toy.add_argument("--ds", type=int, default=2, choices=(2, 3))
+    toy.add_argument("--n", type=int, default=None, help="training showers (default 20000 DS2, 5000 DS3)")
+    toy.add_argument("--n-ref", type=int, default=None, help="reference showers (default as --n)")
+    toy.add_argument("--out", default="data", help="output folder")
+    toy.add_argument("--seed", type=int, default=0, help="train seed; the reference uses seed + 1000003")
+    toy.add_argument("--overwrite", action="store_true")
+    toy.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.command == "toy":
+        toy_command(args)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (common.DataError, FileExistsError, ValueError) as err:
+        sys.exit(f"error: {err}")
