@@ -1,0 +1,356 @@
+"""Shape network of CaloDREAM (arXiv:2405.09629, paper Sec. 3.2, Table 2; SPEC 2.3): a 3-D vision
+transformer (DiT blocks with adaLN-Zero) trained with Conditional Flow Matching on the voxels given
+the condition [c_E, 45 u's], and the full sampling chain E_inc -> u (energy network) -> showers.
+
+Train (one GPU; the paper presets: DS2 26,042,688 / DS3 5,868,870 trainable parameters):
+    python shape_vit.py --ds 2                      # 800 epochs, batch 64, cosine LR 1e-3
+    python shape_vit.py --ds 3 --grad-checkpoint    # 600 epochs, 1350 tokens per shower
+    python shape_vit.py --resume runs/shape_vit-ds2-<time>   # continue a run exactly where it stopped
+CPU quick run on the synthetic showers (`python data.py toy --ds 2` first; about 30 min on 2 cores):
+    python shape_vit.py --toy --preset small
+Sample (E_inc log-uniform, or copied from a reference file; u's from the energy network):
+    python shape_vit.py --sample --ckpt runs/shape_vit-ds2-<time> --energy-ckpt runs/energy-ds2-<time> \
+        --like data/dataset_2_2.hdf5 --output gen_ds2.hdf5
+    python shape_vit.py --sample --energy-ckpt truth --like data/toy_ds2_ref.hdf5   # u's of the reference
+The output is a CaloChallenge file (float64, gzip, 'incident_energies' (N,1), 'showers' (N, n_vox)),
+streamed in batches, with a sidecar GEN.hdf5.json (solver, steps, NFE, time per shower, checkpoints).
+Score it with `python evaluate.py -i gen_ds2.hdf5 -r data/dataset_2_2.hdf5 --ds 2`.
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import common
+
+SCRIPT = "shape_vit"
+# Paper Table 2 ('paper') and a reduced setting that trains on 2 CPU cores in about 30 minutes ('small').
+PRESETS = {
+    (2, "paper"): dict(patch=(3, 16, 1), dim=480, heads=6, mlp=1920, depth=6, epochs=800, batch_size=64, lr=1e-3),
+    (3, "paper"): dict(patch=(3, 5, 2), dim=240, heads=6, mlp=720, depth=6, epochs=600, batch_size=64, lr=1e-3),
+    (2, "small"): dict(patch=(3, 16, 1), dim=96, heads=4, mlp=384, depth=3, epochs=30, batch_size=64, lr=1e-3),
+    (3, "small"): dict(patch=(3, 10, 6), dim=96, heads=4, mlp=384, depth=3, epochs=30, batch_size=64, lr=1e-3),
+}
+# On --resume these flags apply as given; everything else comes from the checkpoint's config.
+RUNTIME_FLAGS = ("device", "no_progress", "compile", "stop_after", "resume")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ds", type=int, default=2, choices=(2, 3), help="CaloChallenge dataset")
+    p.add_argument("--data-dir", default="data", help="folder of the dataset files")
+    p.add_argument("--toy", action="store_true", help="train on data/toy_ds{ds}_train.hdf5 (synthetic)")
+    p.add_argument("--files", nargs="+", help="training files (overrides the defaults)")
+    p.add_argument("--max-showers", type=int, help="use only the first N showers")
+    p.add_argument("--out", default="runs", help="root of the run folders")
+    p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0)
+    # model and optimisation (None = the preset's value)
+    p.add_argument("--preset", default="paper", choices=("paper", "small"), help="sizes of PRESETS")
+    p.add_argument("--patch", type=int, nargs=3, help="patch size (layers, alpha, r)")
+    p.add_argument("--dim", type=int, help="embedding dimension D (divisible by 6 and by --heads)")
+    p.add_argument("--depth", type=int, help="number of DiT blocks")
+    p.add_argument("--heads", type=int, help="attention heads")
+    p.add_argument("--mlp", type=int, help="hidden size of the block MLPs")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="training batch (preset) / sampling batch (1000)")
+    p.add_argument("--lr", type=float, help="peak LR of the per-step cosine decay")
+    p.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm (0: no clipping)")
+    p.add_argument("--grad-checkpoint", action="store_true", help="recompute blocks in backward (DS3 memory)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--val-every", type=int, default=1, help="validation loss every N epochs")
+    p.add_argument("--ckpt-every", type=int, default=1, help="write ckpt.pt every N epochs")
+    p.add_argument("--stop-after", type=int, help="stop after N epochs (the schedule still spans --epochs)")
+    p.add_argument("--resume", nargs="?", const="latest", help="continue RUN_DIR or CKPT (default: newest)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (CUDA only)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    # sampling
+    p.add_argument("--sample", action="store_true", help="generate showers instead of training")
+    p.add_argument("--ckpt", help="shape_vit run folder or checkpoint (default: newest run of --ds)")
+    p.add_argument("--energy-ckpt", help="energy run folder or checkpoint (default: newest); 'truth' takes "
+                                         "the u's of the --like file (evaluates the shape network alone)")
+    p.add_argument("--n", type=int, help="number of showers (default: as many as --like)")
+    p.add_argument("--like", help="reference file whose E_inc are copied (same law and count)")
+    p.add_argument("--solver", default="rk4", choices=sorted(common.NFE_PER_STEP))
+    p.add_argument("--steps", type=int, default=20, help="ODE steps (paper: RK4, 20)")
+    p.add_argument("--output", help="generated file (default: <shape run>/gen_ds{ds}_<n>.hdf5)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    return p.parse_args(argv)
+
+
+def resolve(args):
+    """Fill the flags left at None from the preset of (ds, preset)."""
+    for key, value in PRESETS[(args.ds, args.preset)].items():
+        if getattr(args, key) is None:
+            setattr(args, key, list(value) if isinstance(value, tuple) else value)
+    return args
+
+
+def vit_config(args):
+    g = common.geometry(args.ds)
+    return common.ViTConfig(in_shape=(1, *g.shape), patch=tuple(args.patch), dim=args.dim, heads=args.heads,
+                            mlp=args.mlp, depth=args.depth, cond_dim=1 + common.N_LAYERS)
+
+
+def to_device(tree, device):
+    if isinstance(tree, dict):
+        return {k: to_device(v, device) for k, v in tree.items()}
+    return tree.to(device)
+
+
+def velocity_fn(model, cond):
+    """The ODE right-hand side (x, t) -> v(x, t, cond) for common.solve (bespoke.py reuses it)."""
+    device = cond.device
+
+    def velocity(x, t):
+        with common.autocast(device):
+            return model(x, torch.as_tensor(t, dtype=torch.float32, device=device), cond).float()
+    return velocity
+
+
+# ----------------------------------------------------------------------------- training
+def batch_loss(model, showers, e_inc, stats, ds, generator):
+    """CFM loss of one batch of physical showers: fresh dequantisation noise, t and x0."""
+    x1 = common.showers_to_net(showers, ds, stats, generator=generator)
+    u = common.energies_to_u(e_inc, common.layer_energies(showers, ds))
+    cond = common.shape_condition(e_inc, u, stats["cond"])
+    with common.autocast(showers.device):
+        return common.cfm_loss(model, x1, cond, generator=generator)
+
+
+def fetch(showers, e_inc, idx, device):
+    """Rows idx of the raw float32 arrays in RAM -> device tensors (pinned, asynchronous on CUDA)."""
+    x, e = torch.from_numpy(showers[idx]), torch.from_numpy(e_inc[idx])
+    if device.type == "cuda":
+        x, e = x.pin_memory(), e.pin_memory()
+    return x.to(device, non_blocking=True), e.to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def validation_loss(model, showers, e_inc, idx, stats, args, device):
+    model.eval()
+    gen = torch.Generator(device).manual_seed(args.seed + 999_983)  # same draws every epoch: comparable
+    total = 0.0
+    for s in range(0, len(idx), 4 * args.batch_size):
+        x, e = fetch(showers, e_inc, idx[s:s + 4 * args.batch_size], device)
+        total += batch_loss(model, x, e, stats, args.ds, gen).item() * len(x)
+    model.train()
+    return total / max(1, len(idx))
+
+
+def train(args):
+    ckpt = None
+    if args.resume:
+        path = common.find_latest_run(SCRIPT, args.ds, args.out) if args.resume == "latest" else Path(args.resume)
+        ckpt = common.load_checkpoint(path, script=SCRIPT)
+        given = {k: getattr(args, k) for k in RUNTIME_FLAGS}
+        args = argparse.Namespace(**{**ckpt["config"], **given})
+        run_dir = path if path.is_dir() else path.parent
+    else:
+        run_dir = common.make_run_dir(SCRIPT, args.ds, args.out)
+    log = common.Log(run_dir)
+    device = common.pick_device(args.device)
+    common.seed_everything(args.seed)
+    files = args.files or common.data_files(args.ds, args.data_dir, toy=args.toy)
+    e_inc, showers = common.load_showers(files, args.ds, args.max_showers, progress=not args.no_progress)
+    train_idx, val_idx = common.split_indices(len(showers), args.val_fraction, args.seed)
+    if ckpt is None:  # statistics of the training split only (a transient copy of its rows)
+        stats = common.fit_shape_stats(e_inc[train_idx], showers[train_idx], args.ds, seed=args.seed)
+    else:
+        stats = ckpt["stats"]
+    stats_dev = to_device(stats, device)
+
+    model = common.ViT(vit_config(args)).to(device)
+    model.grad_checkpoint = args.grad_checkpoint
+    net = model
+    if args.compile and device.type == "cuda":
+        net = torch.compile(model)
+    elif args.compile:
+        print("--compile is ignored on CPU")
+    steps_per_epoch = max(1, len(train_idx) // args.batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs * steps_per_epoch)
+    history, nonfinite, start_epoch, step = {"train_loss": [], "val_loss": []}, 0, 0, 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        history, nonfinite, start_epoch, step = ckpt["history"], ckpt["nonfinite"], ckpt["epoch"], ckpt["step"]
+    config = json.loads(json.dumps(vars(args), default=str))  # paths as str, tuples as lists
+    vit = json.loads(json.dumps(vars(vit_config(args))))
+    log(f"{'resuming' if ckpt else 'run'} {run_dir} at epoch {start_epoch}; config: {json.dumps(config)}")
+    log(f"device {device}; {len(train_idx)} training / {len(val_idx)} validation showers; "
+        f"trainable parameters {common.count_parameters(model):,}; {steps_per_epoch} steps per epoch")
+
+    def save(epoch):
+        common.save_checkpoint(run_dir / "ckpt.pt", script=SCRIPT, ds=args.ds, config=config, vit=vit,
+                               model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                               epoch=epoch, step=step, stats=stats, history=history, nonfinite=nonfinite)
+
+    last = args.epochs if args.stop_after is None else min(args.epochs, args.stop_after)
+    in_a_row = 0
+    for epoch in range(start_epoch, last):
+        gen = torch.Generator(device).manual_seed(args.seed * 100003 + epoch)
+        perm = torch.randperm(len(train_idx), generator=gen, device=device).cpu().numpy()
+        model.train()
+        t0, losses = time.time(), []
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=args.no_progress,
+                   leave=False)
+        for i in bar:
+            x, e = fetch(showers, e_inc, train_idx[perm[i * args.batch_size:(i + 1) * args.batch_size]], device)
+            loss = batch_loss(net, x, e, stats_dev, args.ds, gen)
+            opt.zero_grad(set_to_none=True)
+            if torch.isfinite(loss):
+                loss.backward()
+                if args.clip_grad > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+                opt.step()
+                losses.append(loss.item())
+                in_a_row = 0
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            else:  # skip the update, keep the schedule on the step count
+                nonfinite, in_a_row = nonfinite + 1, in_a_row + 1
+                if in_a_row >= 20:
+                    raise SystemExit(f"error: 20 non-finite losses in a row (epoch {epoch + 1}, step {step}); "
+                                     f"the last good checkpoint is {run_dir / 'ckpt.pt'}; "
+                                     f"try a lower --lr or --clip-grad 1")
+            sched.step()
+            step += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rate = steps_per_epoch * args.batch_size / (time.time() - t0)
+        history["train_loss"].append(float(np.mean(losses)) if losses else float("nan"))
+        val = None
+        if len(val_idx) and ((epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs):
+            val = validation_loss(net, showers, e_inc, val_idx, stats_dev, args, device)
+        history["val_loss"].append(val)
+        log(f"epoch {epoch + 1} train_loss {history['train_loss'][-1]:.5f} val_loss "
+            f"{'-' if val is None else f'{val:.5f}'} lr {sched.get_last_lr()[0]:.3e} samples/s {rate:.1f} "
+            f"nonfinite {nonfinite} time {time.time() - t0:.1f}s")
+        if (epoch + 1) % args.ckpt_every == 0 or epoch + 1 == last:
+            save(epoch + 1)
+    log(f"done: {run_dir / 'ckpt.pt'} (epoch {last} of {args.epochs})")
+    return run_dir
+
+
+# ----------------------------------------------------------------------------- sampling
+def load_shape(path, ds, device):
+    """A trained shape network (eval mode, on device) and its checkpoint (config, stats, history)."""
+    ckpt = common.load_checkpoint(path or common.find_latest_run(SCRIPT, ds), script=SCRIPT, ds=ds)
+    cfg = common.ViTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["vit"].items()})
+    model = common.ViT(cfg)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+@torch.no_grad()
+def generate_showers(model, stats, e_inc, u, ds, solver="rk4", steps=20, batch_size=1000, generator=None,
+                     solve_fn=None):
+    """Showers (N, n_vox) float64 MeV on the CPU for E_inc (N,) MeV and physical u's (N, 45).
+
+    x0 ~ N(0, 1) from `generator` (on the model's device), dx/dt = v from t = 0 to 1 with
+    common.solve(solver, steps) or solve_fn(velocity, x0) -> (x1, nfe), then the exact inverse:
+    fractions, the 5e-6 cut, per-layer renormalisation to the layer energies, the 15.15 keV cut."""
+    device = next(model.parameters()).device
+    if solve_fn is None:
+        def solve_fn(velocity, x0):
+            return common.solve(velocity, x0, steps, solver)
+    out = []
+    for s in range(0, len(e_inc), batch_size):
+        e, uu = e_inc[s:s + batch_size].to(device), u[s:s + batch_size].to(device)
+        cond = common.shape_condition(e, uu, stats["cond"])
+        x0 = torch.randn((len(e), *model.cfg.in_shape), generator=generator, device=device)
+        x1, _ = solve_fn(velocity_fn(model, cond), x0)
+        out.append(common.net_to_showers(x1, common.u_to_energies(e, uu), stats).cpu())
+    return torch.cat(out)
+
+
+def reference_condition(path, ds, n, with_u, chunk=2000):
+    """E_inc (float64) of the first n showers of a reference file and, if with_u, their true u's,
+    read chunk by chunk (a DS3 reference never sits in memory whole)."""
+    f, n_ref = common.open_showers(path, ds)
+    with f:
+        n = n_ref if n is None else n
+        if n > n_ref:
+            raise ValueError(f"--n {n} exceeds the {n_ref} showers of {path}")
+        e_inc = torch.from_numpy(f["incident_energies"][:n].reshape(-1).astype(np.float64))
+        if not with_u:
+            return e_inc, None
+        layer_e = torch.cat([common.layer_energies(torch.from_numpy(f["showers"][s:min(s + chunk, n)]), ds)
+                             for s in range(0, n, chunk)])
+    return e_inc, common.energies_to_u(e_inc, layer_e)
+
+
+def sample(args):
+    device = common.pick_device(args.device)
+    shape_path = Path(args.ckpt) if args.ckpt else common.find_latest_run(SCRIPT, args.ds, args.out)
+    model, ckpt = load_shape(shape_path, args.ds, device)
+    stats = to_device(ckpt["stats"], device)
+    truth = args.energy_ckpt == "truth"
+    if args.like:
+        e_inc, u = reference_condition(args.like, args.ds, args.n, with_u=truth)
+    elif truth:
+        raise ValueError("--energy-ckpt truth takes the u's of the reference: pass --like REF.hdf5")
+    elif args.n is None:
+        raise ValueError("pass --n N (showers with log-uniform E_inc) or --like REF.hdf5")
+    else:
+        e_inc = common.sample_e_inc(args.n, generator=torch.Generator().manual_seed(args.seed))
+    n, batch_size = len(e_inc), args.batch_size or 1000
+    run_dir = shape_path if shape_path.is_dir() else shape_path.parent
+    output = Path(args.output) if args.output else run_dir / f"gen_ds{args.ds}_{n}.hdf5"
+    writer = common.ShowerWriter(output, n, args.ds, overwrite=args.overwrite)  # refuses an existing file now
+    print(f"device {device}; {n} showers; shape network {shape_path} "
+          f"({common.count_parameters(model):,} parameters, epoch {ckpt['epoch']}); "
+          f"{args.solver} {args.steps} steps")
+
+    common.seed_everything(args.seed)
+    t0 = time.time()
+    if truth:
+        energy_desc = f"truth (u's of {args.like})"
+    else:
+        from energy import load_energy_sampler  # lazily: the shape network alone needs no energy network
+        sampler = load_energy_sampler(args.energy_ckpt, args.ds, device)
+        u = sampler(e_inc).double().cpu()
+        energy_desc = str(args.energy_ckpt or "newest energy run")
+    t_energy = time.time() - t0
+    gen = torch.Generator(device).manual_seed(args.seed)
+    t_shape = 0.0
+    with writer, tqdm(total=n, desc="sampling", unit="shower", disable=args.no_progress) as bar:
+        for s in range(0, n, batch_size):
+            t1 = time.time()
+            x = generate_showers(model, stats, e_inc[s:s + batch_size], u[s:s + batch_size], args.ds,
+                                 args.solver, args.steps, batch_size, generator=gen)
+            t_shape += time.time() - t1  # .cpu() inside synchronises
+            writer.write(e_inc[s:s + batch_size], x)
+            bar.update(len(x))
+    total = time.time() - t0
+    nfe = args.steps * common.NFE_PER_STEP[args.solver]
+    info = {"file": str(output), "ds": args.ds, "n": n, "solver": args.solver, "steps": args.steps,
+            "nfe": nfe, "batch_size": batch_size, "seed": args.seed, "device": str(device),
+            "shape_ckpt": str(shape_path), "shape_epoch": ckpt["epoch"], "energy": energy_desc,
+            "like": args.like, "seconds_energy": t_energy, "seconds_shape": t_shape, "seconds_total": total,
+            "ms_per_shower_shape": 1e3 * t_shape / n, "showers_per_second": n / total}
+    Path(f"{output}.json").write_text(json.dumps(info, indent=1) + "\n")
+    print(f"wrote {output}: {n / total:.1f} showers/s overall ({t_energy:.1f}s energy network, "
+          f"{1e3 * t_shape / n:.2f} ms/shower shape network at {nfe} NFE, {total:.1f}s in all)")
+    return output
+
+
+def main(argv=None):
+    args = resolve(parse_args(argv))
+    if args.sample:
+        return sample(args)
+    return train(args)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (common.DataError, FileExistsError, ValueError) as err:
+        sys.exit(f"error: {err}")
