@@ -36,8 +36,10 @@ Every parameter is in the block below; /work/notes/readme_data.md has the table.
 """
 import argparse
 import hashlib
+import http.client
 import math
 import os
+import shutil
 import sys
 import time
 import urllib.error
@@ -173,6 +175,85 @@ def write_toy(ds, n, path, seed=0, overwrite=False, progress=False):
     return Path(path)
 
 
+# ----------------------------------------------------------------------------- download (Zenodo)
+def file_md5(path, chunk=1 << 22):
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_file(url, dest, md5, progress=True, chunk=1 << 20, timeout=60):
+    """Download url to dest through dest.part (resumed with an HTTP Range request when present);
+    the file gets its final name only after its MD5 matched. Returns dest."""
+    dest = Path(dest)
+    if dest.exists():
+        got = file_md5(dest)
+        if got == md5:
+            print(f"{dest} is already present (MD5 ok)")
+            return dest
+        raise common.DataError(f"{dest} exists but its MD5 is {got}, not {md5}: delete it and run again")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": "calodream-data.py"} | ({"Range": f"bytes={offset}-"} if offset else {})
+    try:
+        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as err:
+        if err.code != 416 or not offset:
+            raise common.DataError(f"downloading {url} failed: HTTP {err.code} {err.reason}") from None
+        resp = None  # 416: nothing left to fetch, the .part is complete (the MD5 decides)
+    except (urllib.error.URLError, OSError) as err:
+        raise common.DataError(f"cannot reach {url}: {getattr(err, 'reason', err)}") from None
+    if resp is not None:
+        with resp:
+            if offset and (resp.status != 206 or not resp.headers.get("Content-Range", "").startswith(
+                    f"bytes {offset}-")):
+                offset = 0  # the server ignored the Range request: start again from byte 0
+            rest = int(resp.headers.get("Content-Length") or 0)
+            total = offset + rest if rest else SIZES.get(dest.name)
+            _check_space(dest, (total or 0) - offset)
+            with open(part, "ab" if offset else "wb") as f, tqdm(
+                    total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+                    desc=dest.name, disable=not progress) as bar:
+                try:
+                    while block := resp.read(chunk):
+                        f.write(block)
+                        bar.update(len(block))
+                except (OSError, http.client.HTTPException) as err:
+                    raise common.DataError(f"download of {dest.name} interrupted ({err}); run the same "
+                                           f"command again to resume from {part}") from None
+    got = file_md5(part)
+    if got != md5:
+        part.unlink()
+        raise common.DataError(f"{dest.name}: MD5 {got} does not match {md5}; deleted {part}, run again")
+    os.replace(part, dest)
+    print(f"{dest}: {dest.stat().st_size / 1e6:.1f} MB, MD5 ok")
+    return dest
+
+
+def _check_space(dest, need):
+    free = shutil.disk_usage(dest.parent).free
+    if need > free:
+        raise common.DataError(f"{dest.name} needs {need / 1e9:.2f} GB more but {dest.parent} has "
+                               f"{free / 1e9:.2f} GB free")
+
+
+def download(ds, out="data", files=None, base_url=None, md5=None, progress=True):
+    """Fetch the Zenodo files of a dataset (all, or `files`) into `out`. base_url and md5 (a dict
+    name -> hex digest that overrides MD5) let a test serve the files from a local server."""
+    record, train, ref = common.ZENODO[common.geometry(ds).ds]
+    digests = MD5 | (md5 or {})
+    names = files or train + ref
+    for name in names:
+        if name not in train + ref and name not in (md5 or {}):
+            raise ValueError(f"unknown file {name!r} for dataset {ds} (it has {', '.join(train + ref)})")
+    base = (base_url or f"https://zenodo.org/records/{record}/files").rstrip("/")
+    return [download_file(f"{base}/{name}?download=1", Path(out) / name, digests[name], progress)
+            for name in names]
+
+
 # ----------------------------------------------------------------------------- command line
 def toy_command(args):
     sizes = TOY_SIZES[args.ds]
@@ -199,9 +280,17 @@ def main(argv=None):
     toy.add_argument("--seed", type=int, default=0, help="train seed; the reference uses seed + 1000003")
     toy.add_argument("--overwrite", action="store_true")
     toy.add_argument("--no-progress", action="store_true")
+    dl = sub.add_parser("download", help="fetch the CaloChallenge files from Zenodo (resumable, MD5-checked)")
+    dl.add_argument("--ds", type=int, default=2, choices=(2, 3))
+    dl.add_argument("--out", default="data", help="output folder")
+    dl.add_argument("--files", nargs="+", default=None, help="only these names (default: train + reference)")
+    dl.add_argument("--base-url", default=None, help="instead of https://zenodo.org/records/<record>/files")
+    dl.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "toy":
         toy_command(args)
+    else:
+        download(args.ds, args.out, args.files, args.base_url, progress=not args.no_progress)
 
 
 if __name__ == "__main__":

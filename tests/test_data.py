@@ -65,3 +65,113 @@ def test_toy_statistics(toy2000):
     # sparse late layers at low energy, denser near the maximum at high energy
     low, high = e_inc < 3e3, e_inc > 3e5
     assert (showers[low] == 0).mean() > (showers[high] == 0).mean()
+
+
+# ----------------------------------------------------------------------------- download against a local server
+class Server:
+    """http.server on 127.0.0.1 serving one folder, with Range support (or not: ignore_range)."""
+
+    def __init__(self, folder):
+        import http.server
+        import threading
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                path = folder / self.path.split("?")[0].lstrip("/")
+                if not path.is_file():
+                    self.send_error(404)
+                    return
+                blob = path.read_bytes()
+                start, rng = 0, self.headers.get("Range")
+                server.requests.append(rng)
+                if rng and not server.ignore_range:
+                    start = int(rng.removeprefix("bytes=").split("-")[0])
+                    if start >= len(blob):
+                        self.send_error(416)
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(blob) - 1}/{len(blob)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(blob) - start))
+                self.end_headers()
+                self.wfile.write(blob[start:])
+                server.sent += len(blob) - start
+
+            def log_message(self, *args):
+                pass
+
+        self.requests, self.sent, self.ignore_range = [], 0, False
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def served(tmp_path):
+    import hashlib
+    src = tmp_path / "srv"
+    src.mkdir()
+    blob = np.random.default_rng(0).bytes(300_000)
+    (src / "dataset_2_1.hdf5").write_bytes(blob)
+    server = Server(src)
+    yield server, blob, {"dataset_2_1.hdf5": hashlib.md5(blob).hexdigest()}, tmp_path / "out"
+    server.httpd.shutdown()
+    server.httpd.server_close()
+
+
+def fetch(server, md5, out):
+    return data.download(2, out, ["dataset_2_1.hdf5"], base_url=server.url, md5=md5, progress=False)
+
+
+def test_download_full_then_skip(served):
+    server, blob, md5, out = served
+    (path,) = fetch(server, md5, out)
+    assert path.read_bytes() == blob and not (out / "dataset_2_1.hdf5.part").exists()
+    assert server.requests == [None] and server.sent == len(blob)
+    fetch(server, md5, out)  # already present with the right MD5: no request
+    assert len(server.requests) == 1
+
+
+def test_download_resumes_part(served):
+    server, blob, md5, out = served
+    out.mkdir()
+    (out / "dataset_2_1.hdf5.part").write_bytes(blob[:123_456])
+    (path,) = fetch(server, md5, out)
+    assert path.read_bytes() == blob
+    assert server.requests == ["bytes=123456-"] and server.sent == len(blob) - 123_456
+
+
+def test_download_server_ignoring_range_and_complete_part(served):
+    server, blob, md5, out = served
+    out.mkdir()
+    (out / "dataset_2_1.hdf5.part").write_bytes(blob[:1000])
+    server.ignore_range = True
+    assert fetch(server, md5, out)[0].read_bytes() == blob and server.sent == len(blob)
+    (out / "dataset_2_1.hdf5").rename(out / "dataset_2_1.hdf5.part")  # a complete .part: HTTP 416
+    server.ignore_range, server.sent = False, 0
+    assert fetch(server, md5, out)[0].read_bytes() == blob and server.sent == 0
+
+
+def test_download_md5_mismatch(served):
+    server, blob, md5, out = served
+    with pytest.raises(common.DataError, match="MD5"):
+        fetch(server, {"dataset_2_1.hdf5": "0" * 32}, out)
+    assert not (out / "dataset_2_1.hdf5").exists() and not (out / "dataset_2_1.hdf5.part").exists()
+
+
+def test_cli_errors(tmp_path):
+    import subprocess
+    script = str(Path(data.__file__))
+    res = subprocess.run([sys.executable, script, "download", "--ds", "2", "--files", "nope.hdf5"],
+                         capture_output=True, text=True)
+    assert res.returncode == 1 and res.stderr.startswith("error: unknown file")
+    (tmp_path / "toy_ds2_train.hdf5").write_bytes(b"")
+    res = subprocess.run([sys.executable, script, "toy", "--n", "5", "--out", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert res.returncode == 1 and "exists; pass --overwrite" in res.stderr
+    res = subprocess.run([sys.executable, script, "download", "--ds", "2", "--out", str(tmp_path),
+                          "--files", "dataset_2_1.hdf5", "--base-url", "http://127.0.0.1:9", "--no-progress"],
+                         capture_output=True, text=True)
+    assert res.returncode == 1 and res.stderr.startswith("error: cannot reach")
