@@ -217,13 +217,18 @@ def download_file(url, dest, md5, progress=True, chunk=1 << 20, timeout=60):
             with open(part, "ab" if offset else "wb") as f, tqdm(
                     total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
                     desc=dest.name, disable=not progress) as bar:
+                got, problem = 0, None
                 try:
                     while block := resp.read(chunk):
                         f.write(block)
+                        got += len(block)
                         bar.update(len(block))
                 except (OSError, http.client.HTTPException) as err:
-                    raise common.DataError(f"download of {dest.name} interrupted ({err}); run the same "
-                                           f"command again to resume from {part}") from None
+                    problem = f"{type(err).__name__}: {err}"
+                if problem or got < rest:  # keep the .part for the next run
+                    raise common.DataError(f"download of {dest.name} interrupted after {offset + got} bytes "
+                                           f"({problem or 'connection closed early'}); run the same command "
+                                           f"again to resume from {part}")
     got = file_md5(part)
     if got != md5:
         part.unlink()

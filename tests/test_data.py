@@ -96,16 +96,17 @@ class Server:
                     self.send_response(200)
                 self.send_header("Content-Length", str(len(blob) - start))
                 self.end_headers()
-                self.wfile.write(blob[start:])
-                server.sent += len(blob) - start
+                stop = len(blob) if server.cut is None else server.cut  # cut: the connection drops
+                server.sent += stop - start  # counted first: the client may finish before this thread
+                self.wfile.write(blob[start:stop])
 
             def log_message(self, *args):
                 pass
 
-        self.requests, self.sent, self.ignore_range = [], 0, False
+        self.requests, self.sent, self.ignore_range, self.cut = [], 0, False, None
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
 
 
 @pytest.fixture
@@ -143,6 +144,17 @@ def test_download_resumes_part(served):
     assert server.requests == ["bytes=123456-"] and server.sent == len(blob) - 123_456
 
 
+def test_download_interrupted_then_resumed(served):
+    server, blob, md5, out = served
+    server.cut = 200_000
+    with pytest.raises(common.DataError, match="interrupted after 200000 bytes"):
+        fetch(server, md5, out)
+    assert (out / "dataset_2_1.hdf5.part").stat().st_size == 200_000 and not (out / "dataset_2_1.hdf5").exists()
+    server.cut = None
+    assert fetch(server, md5, out)[0].read_bytes() == blob
+    assert server.requests == [None, "bytes=200000-"] and server.sent == len(blob)
+
+
 def test_download_server_ignoring_range_and_complete_part(served):
     server, blob, md5, out = served
     out.mkdir()
@@ -156,7 +168,7 @@ def test_download_server_ignoring_range_and_complete_part(served):
 
 def test_download_md5_mismatch(served):
     server, blob, md5, out = served
-    with pytest.raises(common.DataError, match="MD5"):
+    with pytest.raises(common.DataError, match="MD5 .* does not match"):
         fetch(server, {"dataset_2_1.hdf5": "0" * 32}, out)
     assert not (out / "dataset_2_1.hdf5").exists() and not (out / "dataset_2_1.hdf5.part").exists()
 
