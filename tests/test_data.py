@@ -175,15 +175,14 @@ def test_download_md5_mismatch(served):
 
 def test_cli_errors(tmp_path):
     import subprocess
-    script = str(Path(data.__file__))
-    res = subprocess.run([sys.executable, script, "download", "--ds", "2", "--files", "nope.hdf5"],
+    res = subprocess.run([sys.executable, str(Path(data.__file__)), "download", "--ds", "2", "--files", "nope.hdf5"],
                          capture_output=True, text=True)
-    assert res.returncode == 1 and res.stderr.startswith("error: unknown file")
+    assert res.returncode == 1 and res.stderr.startswith("error: unknown file") and res.stderr.count("\n") == 1
     (tmp_path / "toy_ds2_train.hdf5").write_bytes(b"")
-    res = subprocess.run([sys.executable, script, "toy", "--n", "5", "--out", str(tmp_path)],
-                         capture_output=True, text=True)
-    assert res.returncode == 1 and "exists; pass --overwrite" in res.stderr
-    res = subprocess.run([sys.executable, script, "download", "--ds", "2", "--out", str(tmp_path),
-                          "--files", "dataset_2_1.hdf5", "--base-url", "http://127.0.0.1:9", "--no-progress"],
-                         capture_output=True, text=True)
-    assert res.returncode == 1 and res.stderr.startswith("error: cannot reach")
+    with pytest.raises(FileExistsError, match="exists; pass --overwrite"):
+        data.main(["toy", "--n", "5", "--out", str(tmp_path)])
+    with pytest.raises(common.DataError, match="cannot reach"):
+        data.main(["download", "--out", str(tmp_path), "--files", "dataset_2_1.hdf5",
+                   "--base-url", "http://127.0.0.1:9", "--no-progress"])
+    data.main(["toy", "--ds", "3", "--n", "4", "--n-ref", "2", "--out", str(tmp_path), "--no-progress"])
+    assert common.load_showers(tmp_path / "toy_ds3_ref.hdf5", 3, progress=False)[1].shape == (2, 40500)
