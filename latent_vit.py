@@ -119,9 +119,8 @@ def encode_batch(vae, vae_stats, e_inc, showers, ds):
     """Physical batch -> posterior (mu, logvar) of the frozen VAE and the physical u's."""
     frac, layer_e = common.voxel_fractions(showers, ds)
     u = common.energies_to_u(e_inc, layer_e)
-    with common.autocast(showers.device):
-        mu, logvar = vae.encode(frac, common.shape_condition(e_inc, u, vae_stats["cond"]))
-    return mu.float(), logvar.float(), u
+    mu, logvar = vae.encode(frac, common.shape_condition(e_inc, u, vae_stats["cond"]))  # float32, see vae.py
+    return mu, logvar, u
 
 
 @torch.no_grad()
@@ -293,8 +292,7 @@ def generate_showers(model, vae, stats, vae_stats, e_inc, u, ds, cut, solver="rk
         x0 = torch.randn((len(e), *model.cfg.in_shape), generator=generator, device=device)
         x1, _ = common.solve(velocity_fn(model, common.shape_condition(e, uu, stats["cond"])), x0, steps, solver)
         z = common.unstandardize(x1.float(), stats["latent"])
-        with common.autocast(device):
-            frac = vae.decode(z, common.shape_condition(e, uu, vae_stats["cond"]))
+        frac = vae.decode(z, common.shape_condition(e, uu, vae_stats["cond"]))
         out.append(vae_lib.decoded_to_showers(frac, common.u_to_energies(e, uu), cut).cpu())
     return torch.cat(out)
 
