@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import shape_vit
 
 SCRIPT = "bespoke"
 # 'paper': Sec. 4.4 / SPEC 2.5. 'small': bounded for a shared 2-core CPU and the reduced toy ViT.
@@ -187,11 +188,33 @@ LOSSES = {"global": global_loss, "local": local_loss}
 
 # ----------------------------------------------------------------------------- training
 def load_network(path, ds, device):
-    """Frozen shape network and its checkpoint; field(x, t, cond) is shape_vit's velocity wrapper."""
+    """A frozen shape network (a shape_vit or latent_vit run), its checkpoint, the velocity field
+    field(x, t, cond) (shape_vit's wrapper; t may be a tensor with gradients) and
+    generate(e_inc, u, solver, steps, batch_size, generator, solve_fn) -> showers (the run's sampler)."""
     import shape_vit
-    model, ckpt = shape_vit.load_shape(path, ds, device)
+    script = common.load_checkpoint(path, ds=ds)["script"]
+    if script == "shape_vit":
+        model, ckpt = shape_vit.load_shape(path, ds, device)
+        stats = shape_vit.to_device(ckpt["stats"], device)
+
+        def generate(e_inc, u, solver, steps, batch_size, generator, solve_fn):
+            return shape_vit.generate_showers(model, stats, e_inc, u, ds, solver, steps, batch_size, generator,
+                                              solve_fn=solve_fn)
+    elif script == "latent_vit":
+        import latent_vit
+        import vae
+        model, decoder, ckpt = latent_vit.load_latent(path, ds, device)
+        stats, vae_stats = shape_vit.to_device(ckpt["stats"], device), shape_vit.to_device(ckpt["vae"]["stats"], device)
+        cut = ckpt["vae"].get("cut") or vae.DEFAULT_CUT
+
+        def generate(e_inc, u, solver, steps, batch_size, generator, solve_fn):
+            hook = {} if solve_fn is None else {"solve_fn": solve_fn}  # needs latent_vit's solve_fn hook
+            return latent_vit.generate_showers(model, decoder, stats, vae_stats, e_inc, u, ds, cut, solver, steps,
+                                               batch_size, generator, **hook)
+    else:
+        raise common.DataError(f"{path} is a {script!r} checkpoint, not a shape_vit or latent_vit one")
     model.requires_grad_(False)
-    return model, ckpt, (lambda x, t, cond: shape_vit.velocity_fn(model, cond)(x, t))
+    return model, ckpt, (lambda x, t, cond: shape_vit.velocity_fn(model, cond)(x, t)), generate
 
 
 def training_conditions(args, ckpt, n, device):
@@ -215,7 +238,7 @@ def make_pool(args, model, ckpt, field, device, log):
     """x0, conditions and reference trajectories (midpoint, --ref-steps) for --pool conditions."""
     t0 = time.time()
     e_inc, u = training_conditions(args, ckpt, args.pool, device)
-    cond = common.shape_condition(e_inc.to(device), u.to(device), shape_stats(ckpt, device)["cond"])
+    cond = common.shape_condition(e_inc.to(device), u.to(device), shape_vit.to_device(ckpt["stats"]["cond"], device))
     gen = torch.Generator(device).manual_seed(args.seed)
     x0 = torch.randn((args.pool, *model.cfg.in_shape), generator=gen, device=device)
     bs = 10 * args.batch_size
@@ -224,10 +247,6 @@ def make_pool(args, model, ckpt, field, device, log):
     log(f"reference pool: {args.pool} conditions, midpoint {args.ref_steps} steps, {traj.numel() * 4 / 2**20:.0f} "
         f"MiB, {time.time() - t0:.1f}s")
     return x0, cond, traj
-
-
-def shape_stats(ckpt, device):
-    return {k: {kk: vv.to(device) for kk, vv in v.items()} for k, v in ckpt["stats"].items()}
 
 
 @torch.no_grad()
@@ -294,7 +313,7 @@ def train(args, log=None):
     device = common.pick_device(args.device)
     common.seed_everything(args.seed)
     shape_path = Path(args.shape_ckpt) if args.shape_ckpt else common.find_latest_run("shape_vit", args.ds, args.out)
-    model, ckpt, field = load_network(shape_path, args.ds, device)
+    model, ckpt, field, _ = load_network(shape_path, args.ds, device)
     log = log or common.Log(None)
     log(f"{SCRIPT}: device {device}; shape network {shape_path} ({sum(p.numel() for p in model.parameters()):,} "
         f"frozen parameters); config {json.dumps(vars(args))}")
@@ -335,24 +354,21 @@ def sweep_points(args, bespoke_runs):
 
 def sweep(args):
     import evaluate
-    import shape_vit
+    if not args.like:
+        raise ValueError("--sweep needs --like REF.hdf5 (E_inc of the generated showers, classifier reference)")
     device = common.pick_device(args.device)
     run_dir = common.make_run_dir(f"{SCRIPT}_sweep", args.ds, args.out)
     log = common.Log(run_dir)
-    if not args.like:
-        raise ValueError("--sweep needs --like REF.hdf5 (E_inc of the generated showers, classifier reference)")
     shape_path = Path(args.shape_ckpt) if args.shape_ckpt else common.find_latest_run("shape_vit", args.ds, args.out)
     args.shape_ckpt = str(shape_path)
     bespoke_runs = args.bespoke or train(args, log)
-    model, ckpt = shape_vit.load_shape(shape_path, args.ds, device)
-    stats = shape_stats(ckpt, device)
+    _, _, _, generate = load_network(shape_path, args.ds, device)
     truth = args.energy_ckpt == "truth"
     e_inc, u = shape_vit.reference_condition(args.like, args.ds, args.n, with_u=truth)
     if not truth:
         from energy import load_energy_sampler
         u = load_energy_sampler(args.energy_ckpt, args.ds, device)(e_inc).double().cpu()
-    bs = 10 * args.batch_size
-    rows = []
+    bs, rows = 10 * args.batch_size, []
     for label, solver, nfe, solve_fn, steps in sweep_points(args, bespoke_runs):
         gen_path = run_dir / f"gen_{label}_{nfe}.hdf5"
         gen = torch.Generator(device).manual_seed(args.seed)  # the same x0 for every solver: paired comparison
@@ -360,25 +376,22 @@ def sweep(args):
         with common.ShowerWriter(gen_path, len(e_inc), args.ds) as writer:
             for s in range(0, len(e_inc), bs):
                 t0 = time.time()
-                x = shape_vit.generate_showers(model, stats, e_inc[s:s + bs], u[s:s + bs], args.ds, solver, steps, bs,
-                                               generator=gen, solve_fn=solve_fn)
+                x = generate(e_inc[s:s + bs], u[s:s + bs], solver, steps, bs, gen, solve_fn)
                 seconds += time.time() - t0  # .cpu() inside synchronises
                 writer.write(e_inc[s:s + bs], x)
-        scores = evaluate.evaluate(gen_path, args.like, args.ds, modes=("high", "low"),
-                                   out_dir=run_dir / f"eval_{label}_{nfe}", seed=args.seed,
-                                   cls_epochs=args.cls_epochs, cls_width=args.cls_width)
-        row = {"solver": label, "nfe": nfe, "steps": steps, "auc_high": auc(scores, "high"),
-               "auc_low": auc(scores, "low"), "ms_per_shower": 1e3 * seconds / len(e_inc)}
-        rows.append(row)
-        log(json.dumps(row))
+        t0 = time.time()
+        scores = evaluate.evaluate(gen_path, args.like, args.ds, modes=("cls-high", "cls-low"),
+                                   out_dir=run_dir / f"eval_{label}_{nfe}", seed=args.seed, cls_epochs=args.cls_epochs,
+                                   cls_width=args.cls_width, max_showers=len(e_inc), device=args.device, plots=False,
+                                   progress=not args.no_progress)
+        rows.append({"solver": label, "nfe": nfe, "steps": steps, "auc_high": scores["cls_high"]["auc"],
+                     "auc_low": scores["cls_low"]["auc"], "ms_per_shower": 1e3 * seconds / len(e_inc),
+                     "seconds_eval": time.time() - t0})
+        log(json.dumps(rows[-1]))
         if not args.keep_showers:
             gen_path.unlink()
     write_table(rows, run_dir, args, device, log)
     return run_dir
-
-
-def auc(scores, mode):
-    return float(scores[mode]["auc"])
 
 
 def write_table(rows, run_dir, args, device, log):
