@@ -21,7 +21,8 @@ that every script, demo and test has data with real structure and runs without t
               energies log-normal (SPOT_SIGMA) with mean e_spot = SPOT_E0 * (E_inc/GeV)^SPOT_GAMMA, then all
               spots of a shower rescaled so their sum is E_vis * (contained fraction): the total keeps
               exactly the resolution above, the layers keep the Poisson fluctuations (sparse, late
-              and early layers often empty, u = 0; the last non-empty layer has u = 1).
+              and early layers often empty, u = 0; the last non-empty layer has u = 1 up to the 1e-10
+              of common.energies_to_u).
   lateral     core + halo: f(r) ~ p r Rc^2/(r^2+Rc^2)^2 + (1-p) r Rt^2/(r^2+Rt^2)^2 with
               Rc = R_M (CORE0 + CORE1 tau), Rt = R_M (TAIL0 + TAIL1 tau), p = clip(P0 - P1 tau, PMIN, P0),
               tau = t / t_max; both widths scaled by one log-normal factor per shower (WIDTH_SIGMA).
@@ -31,7 +32,9 @@ that every script, demo and test has data with real structure and runs without t
               voxels below the 15.15 keV threshold (common.MIN_ENERGY) are set to exactly 0.
 
 The spot energy grows like sqrt(E_inc) (2 MeV at 1 GeV, 63 MeV at 1 TeV) instead of staying at a few
-MeV: a 1 TeV shower would otherwise need 5e5 spots. 20k DS2 showers take about half a minute.
+MeV: a 1 TeV shower would otherwise need 5e5 spots (on average 4400 spots per shower now).
+Measured (2 shared cores): 20k DS2 showers 20 s CPU to generate + 19 s to write gzip (136 MB);
+5k DS3 showers 6 s + ~14 s to write (78 MB). Same (ds, n, seed) -> the same file, bit for bit.
 Every parameter is in the block below; /work/notes/readme_data.md has the table.
 """
 import argparse
@@ -126,7 +129,8 @@ def _toy_batch(ds, e_inc, rng):
     v = rng.random(len(cell))
     r = radius * np.sqrt(v / (1 - v))  # inverse CDF of r R^2/(r^2+R^2)^2: F = r^2/(r^2+R^2)
     phi = rng.uniform(-np.pi, np.pi, len(cell))
-    x0, y0, tx, ty = rng.standard_normal((4, n)) * np.array([[AXIS_SIGMA], [AXIS_SIGMA], [TILT_SIGMA], [TILT_SIGMA]])
+    x0, y0 = AXIS_SIGMA * rng.standard_normal((2, n))
+    tx, ty = TILT_SIGMA * rng.standard_normal((2, n))
     z = (layer + 0.5) * MM_PER_LAYER
     x = r * np.cos(phi) + x0[shower] + tx[shower] * z
     y = r * np.sin(phi) + y0[shower] + ty[shower] * z
@@ -136,21 +140,28 @@ def _toy_batch(ds, e_inc, rng):
     inside = r_bin < g.n_r  # beyond the last edge: lateral leakage
     flat = (shower * g.n_vox + layer * (g.n_alpha * g.n_r) + a_bin * g.n_r + r_bin)[inside]
     showers = np.bincount(flat, weights=energy[inside], minlength=n * g.n_vox).reshape(n, g.n_vox)
-    showers[showers < common.MIN_ENERGY] = 0.0
-    return showers.astype(np.float32)
+    showers = showers.astype(np.float32)
+    showers[showers.astype(np.float64) < common.MIN_ENERGY] = 0.0  # after rounding to float32
+    return showers
 
 
 def _batch_size(ds):
     return max(16, 3_000_000 // common.geometry(ds).n_vox)  # ~24 MB of float64 voxels per batch
 
 
+def _check(ds, n, seed):
+    common.geometry(ds)
+    if n < 1:
+        raise ValueError(f"the number of showers must be positive, got {n}")
+    if seed < 0:
+        raise ValueError(f"the seed must be >= 0, got {seed}")
+
+
 def toy_batches(ds, n, seed=0):
     """Yield (e_inc float64 (B,), showers float32 (B, n_vox)) batches of the n toy showers of a seed.
 
     Batch k draws from default_rng([seed, k]), so the same (ds, n, seed) always gives the same file."""
-    common.geometry(ds)
-    if n < 1:
-        raise ValueError(f"the number of showers must be positive, got {n}")
+    _check(ds, n, seed)
     size = _batch_size(ds)
     for k, start in enumerate(range(0, n, size)):
         rng = np.random.default_rng([seed, k])
@@ -167,6 +178,7 @@ def generate_toy(ds, n, seed=0):
 
 def write_toy(ds, n, path, seed=0, overwrite=False, progress=False):
     """Write n toy showers to one CaloChallenge file (float64, gzip; temp name, then renamed)."""
+    _check(ds, n, seed)
     with common.ShowerWriter(path, n, ds, overwrite=overwrite) as w, \
             tqdm(total=n, desc=Path(path).name, unit="shower", disable=not progress, leave=False) as bar:
         for e_inc, showers in toy_batches(ds, n, seed):
@@ -262,7 +274,9 @@ def download(ds, out="data", files=None, base_url=None, md5=None, progress=True)
 # ----------------------------------------------------------------------------- command line
 def toy_command(args):
     sizes = TOY_SIZES[args.ds]
-    jobs = [("train", args.n or sizes[0], args.seed), ("ref", args.n_ref or args.n or sizes[1], args.seed + REF_SEED_OFFSET)]
+    n = sizes[0] if args.n is None else args.n
+    n_ref = args.n_ref if args.n_ref is not None else sizes[1] if args.n is None else args.n
+    jobs = [("train", n, args.seed), ("ref", n_ref, args.seed + REF_SEED_OFFSET)]
     paths = [Path(args.out) / f"toy_ds{args.ds}_{split}.hdf5" for split, _, _ in jobs]
     for path in paths:  # refuse before spending any time
         if path.exists() and not args.overwrite:
