@@ -315,8 +315,8 @@ def sample(args):
         energy_desc = f"truth (u's of {args.like})"
     else:
         from energy import load_energy_sampler  # lazily: the shape network alone needs no energy network
-        sampler = load_energy_sampler(args.energy_ckpt, args.ds, device)
-        u = sampler(e_inc).double().cpu()
+        sampler = load_energy_sampler(args.energy_ckpt, args.ds, device, progress=not args.no_progress)
+        u = sampler(e_inc, generator=torch.Generator().manual_seed(args.seed + 1)).double().cpu()
         energy_desc = str(args.energy_ckpt or "newest energy run")
     t_energy = time.time() - t0
     gen = torch.Generator(device).manual_seed(args.seed)
