@@ -340,16 +340,17 @@ def train(args, log=None):
 
 # ----------------------------------------------------------------------------- sweep (paper Fig. 9)
 def sweep_points(args, bespoke_runs):
-    """(label, solver, nfe, solve_fn or None, steps) of every point: the fixed solvers at each --nfe that
-    their stages divide, RK4 at --rk4-reference, and every bespoke solver at its own n."""
-    points = [(m, m, nfe, None, nfe // k) for m, k in common.NFE_PER_STEP.items() for nfe in args.nfe if nfe % k == 0]
+    """(label, solver, nfe, solve_fn or None, steps) of every point, the bespoke solvers (each at its own n)
+    and RK4 at --rk4-reference first, then Euler, midpoint and RK4 at each --nfe that their stages divide."""
+    points = []
+    for run in bespoke_runs:
+        solver = load_bespoke(run, args.ds)
+        label = f"bns-{common.load_checkpoint(run, script=SCRIPT, ds=args.ds)['loss']}"
+        points.append((label, "bespoke", solver.n, bespoke_solve_fn(solver), solver.n))
     if args.rk4_reference and args.rk4_reference not in args.nfe:
         points.append(("rk4", "rk4", args.rk4_reference, None, args.rk4_reference // 4))
-    for run in bespoke_runs:
-        ckpt = common.load_checkpoint(run, script=SCRIPT, ds=args.ds)
-        solver = load_bespoke(run, args.ds)
-        points.append((f"bns-{ckpt['loss']}", "bespoke", solver.n, bespoke_solve_fn(solver), solver.n))
-    return points
+    return points + [(m, m, nfe, None, nfe // k) for nfe in sorted(args.nfe) for m, k in common.NFE_PER_STEP.items()
+                     if nfe % k == 0]
 
 
 def sweep(args):
