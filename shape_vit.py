@@ -34,8 +34,8 @@ SCRIPT = "shape_vit"
 PRESETS = {
     (2, "paper"): dict(patch=(3, 16, 1), dim=480, heads=6, mlp=1920, depth=6, epochs=800, batch_size=64, lr=1e-3),
     (3, "paper"): dict(patch=(3, 5, 2), dim=240, heads=6, mlp=720, depth=6, epochs=600, batch_size=64, lr=1e-3),
-    (2, "small"): dict(patch=(3, 16, 1), dim=96, heads=4, mlp=384, depth=3, epochs=30, batch_size=64, lr=1e-3),
-    (3, "small"): dict(patch=(3, 10, 6), dim=96, heads=4, mlp=384, depth=3, epochs=30, batch_size=64, lr=1e-3),
+    (2, "small"): dict(patch=(3, 8, 3), dim=96, heads=4, mlp=384, depth=3, epochs=6, batch_size=64, lr=1e-3),
+    (3, "small"): dict(patch=(3, 10, 3), dim=96, heads=4, mlp=384, depth=3, epochs=6, batch_size=64, lr=1e-3),
 }
 # On --resume these flags apply as given; everything else comes from the checkpoint's config.
 RUNTIME_FLAGS = ("device", "no_progress", "compile", "stop_after", "resume")
@@ -232,7 +232,8 @@ def train(args):
         history["val_loss"].append(val)
         log(f"epoch {epoch + 1} train_loss {history['train_loss'][-1]:.5f} val_loss "
             f"{'-' if val is None else f'{val:.5f}'} lr {sched.get_last_lr()[0]:.3e} samples/s {rate:.1f} "
-            f"nonfinite {nonfinite} time {time.time() - t0:.1f}s")
+            f"nonfinite {nonfinite} time {time.time() - t0:.1f}s"
+            + (f" max_mem {torch.cuda.max_memory_allocated() / 2**30:.1f}GiB" if device.type == "cuda" else ""))
         if (epoch + 1) % args.ckpt_every == 0 or epoch + 1 == last:
             save(epoch + 1)
     log(f"done: {run_dir / 'ckpt.pt'} (epoch {last} of {args.epochs})")
