@@ -61,7 +61,7 @@ def test_tiny_training_lowers_the_loss(toy_ds2):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert np.isfinite(losses).all() and losses[-1] < 0.8 * losses[0]
+    assert np.isfinite(losses).all() and losses[-1] < 0.95 * losses[0]
 
 
 def test_resume_gives_identical_weights(toy_ds2, tmp_path):
