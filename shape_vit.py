@@ -157,6 +157,18 @@ def train(args):
     log = common.Log(run_dir)
     device = common.pick_device(args.device)
     common.seed_everything(args.seed)
+    config = json.loads(json.dumps(vars(args), default=str))  # paths as str, tuples as lists
+    vit = json.loads(json.dumps(vars(vit_config(args))))
+    model = common.ViT(vit_config(args)).to(device)
+    model.grad_checkpoint = args.grad_checkpoint
+    log(f"{'resuming' if ckpt else 'run'} {run_dir}; config: {json.dumps(config)}")
+    log(f"device {device}; trainable parameters {common.count_parameters(model):,}")
+    net = model
+    if args.compile and device.type == "cuda":
+        net = torch.compile(model)
+    elif args.compile:
+        print("--compile is ignored on CPU")
+
     files = args.files or common.data_files(args.ds, args.data_dir, toy=args.toy)
     e_inc, showers = common.load_showers(files, args.ds, args.max_showers, progress=not args.no_progress)
     train_idx, val_idx = common.split_indices(len(showers), args.val_fraction, args.seed)
@@ -165,14 +177,6 @@ def train(args):
     else:
         stats = ckpt["stats"]
     stats_dev = to_device(stats, device)
-
-    model = common.ViT(vit_config(args)).to(device)
-    model.grad_checkpoint = args.grad_checkpoint
-    net = model
-    if args.compile and device.type == "cuda":
-        net = torch.compile(model)
-    elif args.compile:
-        print("--compile is ignored on CPU")
     steps_per_epoch = max(1, len(train_idx) // args.batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs * steps_per_epoch)
@@ -182,11 +186,8 @@ def train(args):
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         history, nonfinite, start_epoch, step = ckpt["history"], ckpt["nonfinite"], ckpt["epoch"], ckpt["step"]
-    config = json.loads(json.dumps(vars(args), default=str))  # paths as str, tuples as lists
-    vit = json.loads(json.dumps(vars(vit_config(args))))
-    log(f"{'resuming' if ckpt else 'run'} {run_dir} at epoch {start_epoch}; config: {json.dumps(config)}")
-    log(f"device {device}; {len(train_idx)} training / {len(val_idx)} validation showers; "
-        f"trainable parameters {common.count_parameters(model):,}; {steps_per_epoch} steps per epoch")
+    log(f"{len(train_idx)} training / {len(val_idx)} validation showers; {steps_per_epoch} steps per epoch; "
+        f"starting at epoch {start_epoch + 1} of {args.epochs}")
 
     def save(epoch):
         common.save_checkpoint(run_dir / "ckpt.pt", script=SCRIPT, ds=args.ds, config=config, vit=vit,
