@@ -12,7 +12,7 @@ import energy
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--max-showers", "200", "--batch-size", "32", "--val-every", "1", "--ckpt-every", "1",
-        "--no-progress"]
+        "--no-progress", "--device", "cpu"]
 
 
 def tiny_args(toy_ds2, out, *extra):
@@ -83,7 +83,7 @@ def test_resume_is_exact(toy_ds2, tmp_path, tiny_run):
     """2 epochs, 'killed', resumed for 2 more == the uninterrupted 4-epoch run, bit for bit."""
     run = energy.train(tiny_args(toy_ds2, tmp_path, "--epochs", "4"), stop_after=2)
     assert common.load_checkpoint(run)["epoch"] == 2
-    energy.train(energy.parse_args(["--resume", str(run), "--no-progress"]))
+    energy.train(energy.parse_args(["--resume", str(run), "--no-progress", "--device", "cpu"]))
     a, b = common.load_checkpoint(tiny_run), common.load_checkpoint(run)
     assert b["epoch"] == 4 and b["step"] == a["step"]
     for k in a["model"]:
@@ -142,3 +142,13 @@ def test_cli_missing_file_is_one_line_error(tmp_path):
                            str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: ") and proc.stderr.strip().count("\n") == 0 and "nope.hdf5" in proc.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_sampler_agrees(tiny_run):
+    model = energy.load_energy_sampler(tiny_run, 2, "cuda", progress=False).model
+    c_e, x0 = torch.rand(64, device="cuda"), torch.randn(64, 45, device="cuda")
+    eager, graphs = energy.sample_z(model, c_e, x0, steps=4), {}
+    for _ in range(2):  # capture, then replay
+        got = energy.sample_z(model, c_e, x0, steps=4, graphs=graphs)
+        torch.testing.assert_close(got, eager, atol=1e-5, rtol=1e-5)
