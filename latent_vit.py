@@ -178,15 +178,16 @@ def train(args):
         vae, vae_ckpt = vae_lib.load_vae(vae_path, args.ds, device)
         frozen = {"path": str(vae_path), "config": vae_ckpt["config"], "stats": vae_ckpt["stats"],
                   "model": vae_ckpt["model"], "epoch": vae_ckpt["epoch"], "cut": vae_ckpt.get("cut")}
-        run_dir = common.make_run_dir(SCRIPT, args.ds, args.out)
     else:
         frozen = ckpt["vae"]
         vae = vae_lib.build_vae({"ds": args.ds, **frozen}, device)
     vae_stats = to_device(frozen["stats"], device)
-    log = common.Log(run_dir)
     common.seed_everything(args.seed)
     files = args.files or common.data_files(args.ds, args.data_dir, toy=args.toy)
     e_inc, showers = common.load_showers(files, args.ds, args.max_showers, progress=not args.no_progress)
+    if ckpt is None:
+        run_dir = common.make_run_dir(SCRIPT, args.ds, args.out)
+    log = common.Log(run_dir)
     train_idx, val_idx = common.split_indices(len(showers), args.val_fraction, args.seed)
     if ckpt is None:  # statistics of the training split only
         u = common.energies_to_u(torch.from_numpy(e_inc[train_idx]),

@@ -242,27 +242,29 @@ def batch_inputs(e_inc, showers, ds, cond_stats, device):
 
 
 def iter_showers(paths, ds, n=None, chunk=1000):
-    """Stream (e_inc, showers) float32 chunks from CaloChallenge files (DS3 never whole in RAM)."""
-    paths, left = ([paths] if isinstance(paths, (str, Path)) else list(paths)), n
+    """Stream (e_inc, showers) float32 chunks of the first n showers of CaloChallenge files (a DS3
+    reference never sits in RAM whole)."""
+    left = n
     for path in paths:
-        f, size = common.open_showers(path, ds)
-        with f:
-            for s in range(0, size if left is None else min(size, left), chunk):
-                stop = min(s + chunk, size if left is None else min(size, left))
-                yield (f["incident_energies"][s:stop].reshape(-1).astype(np.float32),
-                       f["showers"][s:stop].reshape(stop - s, -1).astype(np.float32))
-        left = None if left is None else left - min(size, left)
         if left == 0:
             return
+        f, size = common.open_showers(path, ds)
+        take = size if left is None else min(size, left)
+        with f:
+            for s in range(0, take, chunk):
+                stop = min(s + chunk, take)
+                yield (f["incident_energies"][s:stop].reshape(-1).astype(np.float32),
+                       f["showers"][s:stop].reshape(stop - s, -1).astype(np.float32))
+        left = None if left is None else left - take
 
 
 def count_showers(paths, ds, n=None):
-    total = 0
-    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+    sizes = []
+    for path in paths:
         f, size = common.open_showers(path, ds)
         f.close()
-        total += size
-    return total if n is None else min(total, n)
+        sizes.append(size)
+    return sum(sizes) if n is None else min(sum(sizes), n)
 
 
 @torch.no_grad()
