@@ -77,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--bespoke", nargs="+", help="trained bespoke runs to sweep instead of training new ones")
     p.add_argument("--cls-epochs", type=int, help="classifier epochs of evaluate.py")
     p.add_argument("--cls-width", type=int, help="classifier width of evaluate.py")
+    p.add_argument("--vs-reference", action="store_true", help="also score each point against the showers "
+                   "of RK4 at --rk4-reference from the same x0 (the solver's error alone)")
     p.add_argument("--keep-showers", action="store_true", help="keep the generated files of the sweep")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -123,7 +125,7 @@ class BespokeSolver(nn.Module):
         x = x0
         for i in range(self.n):
             u.append(velocity(x, t[i]))
-            x = self.a[i] * x0 + sum(b[i, j] * u[j] for j in range(i + 1))
+            x = self.a[i] * x0 + torch.tensordot(b[i, :i + 1], torch.stack(u), dims=1)  # one kernel, not i + 1
         return x
 
 
@@ -191,7 +193,6 @@ def load_network(path, ds, device):
     """A frozen shape network (a shape_vit or latent_vit run), its checkpoint, the velocity field
     field(x, t, cond) (shape_vit's wrapper; t may be a tensor with gradients) and
     generate(e_inc, u, solver, steps, batch_size, generator, solve_fn) -> showers (the run's sampler)."""
-    import shape_vit
     script = common.load_checkpoint(path, ds=ds)["script"]
     if script == "shape_vit":
         model, ckpt = shape_vit.load_shape(path, ds, device)
@@ -314,7 +315,11 @@ def train(args, log=None):
     common.seed_everything(args.seed)
     shape_path = Path(args.shape_ckpt) if args.shape_ckpt else common.find_latest_run("shape_vit", args.ds, args.out)
     model, ckpt, field, _ = load_network(shape_path, args.ds, device)
-    log = log or common.Log(None)
+    lines, outer = [], log or common.Log(None)
+
+    def log(*msg):  # every solver's run folder gets the session's log up to its checkpoint
+        lines.append(" ".join(map(str, msg)))
+        outer(*msg)
     log(f"{SCRIPT}: device {device}; shape network {shape_path} ({sum(p.numel() for p in model.parameters()):,} "
         f"frozen parameters); config {json.dumps(vars(args))}")
     pool = make_pool(args, model, ckpt, field, device, log)
@@ -334,29 +339,30 @@ def train(args, log=None):
                                    times=solver.times().tolist(), history=history, best_val_loss=best,
                                    end_point_mse={**base, "bespoke": mse})
             log(f"saved {run_dir / 'ckpt.pt'}")
+            (run_dir / "log.txt").write_text("\n".join(lines) + "\n")
             runs.append(run_dir)
     return runs
 
 
 # ----------------------------------------------------------------------------- sweep (paper Fig. 9)
 def sweep_points(args, bespoke_runs):
-    """(label, solver, nfe, solve_fn or None, steps) of every point, the bespoke solvers (each at its own n)
-    and RK4 at --rk4-reference first, then Euler, midpoint and RK4 at each --nfe that their stages divide."""
-    points = []
+    """(label, solver, nfe, solve_fn or None, steps) of every point: RK4 at --rk4-reference first, the
+    bespoke solvers (each at its own n), then Euler, midpoint and RK4 at each --nfe their stages divide."""
+    points = [("rk4", "rk4", args.rk4_reference, None, args.rk4_reference // 4)] if args.rk4_reference else []
     for run in bespoke_runs:
         solver = load_bespoke(run, args.ds)
         label = f"bns-{common.load_checkpoint(run, script=SCRIPT, ds=args.ds)['loss']}"
         points.append((label, "bespoke", solver.n, bespoke_solve_fn(solver), solver.n))
-    if args.rk4_reference and args.rk4_reference not in args.nfe:
-        points.append(("rk4", "rk4", args.rk4_reference, None, args.rk4_reference // 4))
     return points + [(m, m, nfe, None, nfe // k) for nfe in sorted(args.nfe) for m, k in common.NFE_PER_STEP.items()
-                     if nfe % k == 0]
+                     if nfe % k == 0 and (m, nfe) != ("rk4", args.rk4_reference)]
 
 
 def sweep(args):
     import evaluate
     if not args.like:
         raise ValueError("--sweep needs --like REF.hdf5 (E_inc of the generated showers, classifier reference)")
+    if args.vs_reference and not args.rk4_reference:
+        raise ValueError("--vs-reference scores against the RK4 showers of --rk4-reference, which is 0")
     device = common.pick_device(args.device)
     run_dir = common.make_run_dir(f"{SCRIPT}_sweep", args.ds, args.out)
     log = common.Log(run_dir)
@@ -369,7 +375,14 @@ def sweep(args):
     if not truth:
         from energy import load_energy_sampler
         u = load_energy_sampler(args.energy_ckpt, args.ds, device)(e_inc).double().cpu()
-    bs, rows = 10 * args.batch_size, []
+
+    def score(gen_path, ref_path, name):  # (high-level AUC, low-level AUC)
+        s = evaluate.evaluate(gen_path, ref_path, args.ds, modes=("cls-high", "cls-low"), out_dir=run_dir / name,
+                              seed=args.seed, cls_epochs=args.cls_epochs, cls_width=args.cls_width,
+                              max_showers=len(e_inc), device=args.device, plots=False, progress=not args.no_progress)
+        return s["cls_high"]["auc"], s["cls_low"]["auc"]
+
+    bs, rows, rk4_path = 10 * args.batch_size, [], run_dir / f"gen_rk4_{args.rk4_reference}.hdf5"
     for label, solver, nfe, solve_fn, steps in sweep_points(args, bespoke_runs):
         gen_path = run_dir / f"gen_{label}_{nfe}.hdf5"
         gen = torch.Generator(device).manual_seed(args.seed)  # the same x0 for every solver: paired comparison
@@ -381,16 +394,16 @@ def sweep(args):
                 seconds += time.time() - t0  # .cpu() inside synchronises
                 writer.write(e_inc[s:s + bs], x)
         t0 = time.time()
-        scores = evaluate.evaluate(gen_path, args.like, args.ds, modes=("cls-high", "cls-low"),
-                                   out_dir=run_dir / f"eval_{label}_{nfe}", seed=args.seed, cls_epochs=args.cls_epochs,
-                                   cls_width=args.cls_width, max_showers=len(e_inc), device=args.device, plots=False,
-                                   progress=not args.no_progress)
-        rows.append({"solver": label, "nfe": nfe, "steps": steps, "auc_high": scores["cls_high"]["auc"],
-                     "auc_low": scores["cls_low"]["auc"], "ms_per_shower": 1e3 * seconds / len(e_inc),
-                     "seconds_eval": time.time() - t0})
+        row = {"solver": label, "nfe": nfe, "steps": steps, "ms_per_shower": 1e3 * seconds / len(e_inc)}
+        row["auc_high"], row["auc_low"] = score(gen_path, args.like, f"eval_{label}_{nfe}")
+        if args.vs_reference and gen_path != rk4_path:
+            row["auc_high_vs_rk4"], row["auc_low_vs_rk4"] = score(gen_path, rk4_path, f"eval_{label}_{nfe}_vs_rk4")
+        rows.append({**row, "seconds_eval": time.time() - t0})
         log(json.dumps(rows[-1]))
-        if not args.keep_showers:
+        if not args.keep_showers and not (args.vs_reference and gen_path == rk4_path):
             gen_path.unlink()
+    if not args.keep_showers:
+        rk4_path.unlink(missing_ok=True)
     write_table(rows, run_dir, args, device, log)
     return run_dir
 
@@ -404,16 +417,17 @@ def write_table(rows, run_dir, args, device, log):
             "energy": args.energy_ckpt or "newest energy run", "cls_epochs": args.cls_epochs,
             "cls_width": args.cls_width, "seed": args.seed}
     (run_dir / "sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    lines = ["| solver | NFE | steps | AUC high | AUC low | ms / shower |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['solver']} | {r['nfe']} | {r['steps']} | {r['auc_high']:.3f} | {r['auc_low']:.3f} | "
-              f"{r['ms_per_shower']:.2f} |" for r in sorted(rows, key=lambda r: (r["solver"], r["nfe"]))]
+    keys = [k for k in ("auc_high", "auc_low", "auc_high_vs_rk4", "auc_low_vs_rk4") if any(k in r for r in rows)]
+    lines = ["| solver | NFE | steps | " + " | ".join(keys) + " | ms / shower |", "|---" * (len(keys) + 4) + "|"]
+    lines += [f"| {r['solver']} | {r['nfe']} | {r['steps']} | " + " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in keys)
+              + f" | {r['ms_per_shower']:.2f} |" for r in sorted(rows, key=lambda r: (r["solver"], r["nfe"]))]
     (run_dir / "sweep.md").write_text(f"{json.dumps(meta)}\n\n" + "\n".join(lines) + "\n")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, mode in zip(axes, ("high", "low")):
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), sharey=True)
+    for ax, key in zip(axes, keys):
         for label in dict.fromkeys(r["solver"] for r in rows):
-            pts = sorted((r["nfe"], r[f"auc_{mode}"]) for r in rows if r["solver"] == label)
+            pts = sorted((r["nfe"], r[key]) for r in rows if r["solver"] == label and key in r)
             ax.plot(*zip(*pts), "o-", label=label)
-        ax.set(xscale="log", xlabel="NFE", title=f"{mode}-level classifier", ylabel="AUC")
+        ax.set(xscale="log", xlabel="NFE", ylabel="AUC", title=key.replace("auc_", "AUC ").replace("_", " "))
         ax.axhline(0.5, color="grey", lw=0.5)
     axes[0].legend()
     fig.tight_layout()
