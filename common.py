@@ -39,38 +39,21 @@ class Geometry:
     n_r: int
     r_edges: tuple  # mm, the decimal values of the CaloChallenge binning files
 
-    @property
-    def shape(self):  # (layers, alpha, r)
-        return (N_LAYERS, self.n_alpha, self.n_r)
-
-    @property
-    def n_vox(self):
-        return N_LAYERS * self.n_alpha * self.n_r
-
-    @property
-    def alpha_edges(self):
-        return np.linspace(-np.pi, np.pi, self.n_alpha + 1)
-
-    @staticmethod
-    def _centres(edges):
-        edges = np.asarray(edges, dtype=np.float64)
-        lo, hi = edges[:-1], edges[1:]
-        return lo + (hi - lo) / 2
-
-    @property
-    def r_centres(self):
-        return self._centres(self.r_edges)
-
-    @property
-    def alpha_centres(self):
-        return self._centres(self.alpha_edges)
+    shape = property(lambda self: (N_LAYERS, self.n_alpha, self.n_r))  # (layers, alpha, r)
+    n_vox = property(lambda self: N_LAYERS * self.n_alpha * self.n_r)
+    alpha_edges = property(lambda self: np.linspace(-np.pi, np.pi, self.n_alpha + 1))
+    r_centres = property(lambda self: _centres(self.r_edges))
+    alpha_centres = property(lambda self: _centres(self.alpha_edges))
 
     def voxel_xyr(self):
         """x, y, r (mm, float64) of the n_alpha*n_r voxels of one layer, flat index alpha*n_r + r."""
-        alpha, r = np.meshgrid(self.alpha_centres, self.r_centres, indexing="ij")
-        r = r.reshape(-1)
-        alpha = alpha.reshape(-1)
+        alpha, r = (a.reshape(-1) for a in np.meshgrid(self.alpha_centres, self.r_centres, indexing="ij"))
         return r * np.cos(alpha), r * np.sin(alpha), r
+
+
+def _centres(edges):  # SPEC 1: exactly lo + (hi - lo) / 2 in float64
+    lo, hi = np.asarray(edges[:-1], dtype=np.float64), np.asarray(edges[1:], dtype=np.float64)
+    return lo + (hi - lo) / 2
 
 
 def _edges(step, n):  # decimal literals k*step, parsed like the binning files' text
@@ -608,3 +591,35 @@ def find_latest_run(script, ds, root="runs"):
                         f"`python {script}.py --ds {ds}` or pass its checkpoint path")
     print(f"using the newest {script} run: {runs[-1].parent}")
     return runs[-1]
+
+
+# ----------------------------------------------------------------------------- several processes (torchrun)
+def init_distributed(device=None):
+    """Under `torchrun --nproc_per_node=N` join the process group (NCCL on CUDA, gloo on CPU) and give each
+    rank its GPU. Returns (rank, world_size, device); (0, 1, device) in a plain run."""
+    device, world = pick_device(device), int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    rank = int(os.environ["RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def rank_share(n, rank, world):
+    """This rank's contiguous part of a global batch of n, and the loss weight that makes DDP's average of
+    the ranks' gradients equal the gradient of the global batch mean (also when n % world != 0)."""
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    return slice(lo, hi), (hi - lo) * world / n
+
+
+def all_mean(value, device):
+    """Mean of a python float over all ranks (the value itself in a plain run)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.item() / torch.distributed.get_world_size()
