@@ -36,9 +36,10 @@ in unit noise.
 Precision: the VAE runs in float32 (TF32 convolutions on CUDA), not under bf16 autocast: bf16 logits
 would quantise every small voxel fraction by about 3 %.
 Sampling side: the decoder output is renormalised per layer, fractions below --cut are zeroed (the
-paper's "normalised cut", a sigmoid never outputs exact zeros), renormalised again and scaled by the
-layer energies. The default cut is calibrated at the end of training so that the reconstructed
-validation showers have the data's fraction of empty voxels (stored as ckpt["cut"]).
+paper's "normalised cut", a sigmoid never outputs exact zeros; a layer's largest voxel always stays),
+renormalised again and scaled by the layer energies. The default cut is calibrated at the end of
+training so that the reconstructed validation showers have the data's fraction of empty voxels
+(stored as ckpt["cut"]).
 """
 import argparse
 import math
@@ -205,11 +206,13 @@ def vae_loss(model, frac, cond, beta, generator=None):
 
 
 def decoded_to_showers(frac, layer_e, cut):
-    """The normalised cut: renormalise each decoded layer, zero fractions below `cut`, renormalise
-    again and scale by the layer energies (then the 15.15 keV threshold)."""
+    """The normalised cut: renormalise each decoded layer, zero fractions below `cut` (but keep the
+    layer's largest voxel, so that no layer loses its energy), renormalise again and scale by the layer
+    energies (then the 15.15 keV threshold)."""
     f = frac.double().reshape(frac.shape[0], common.N_LAYERS, -1).clamp(min=0)
     f = f / f.sum(-1, keepdim=True).clamp(min=1e-300)
-    return common.fractions_to_showers(f, layer_e, cut=cut)
+    f = torch.where((f >= cut) | (f == f.amax(-1, keepdim=True)), f, 0.0)
+    return common.fractions_to_showers(f, layer_e, cut=0.0)
 
 
 def build_vae(ckpt, device="cpu"):

@@ -105,3 +105,5 @@ def test_normalised_cut_restores_exact_zeros():
     assert torch.allclose(x.sum((-2, -1)), layer_e.double())  # renormalised after the cut
     x_none = V.decoded_to_showers(frac, layer_e, cut=0.0)
     assert (x_none > 0).all()  # without the cut no voxel is empty
+    x_all = V.decoded_to_showers(frac, layer_e, cut=0.9).reshape(3, 45, -1)  # above every fraction:
+    assert ((x_all > 0).sum(-1) == 1).all() and torch.allclose(x_all.sum(-1), layer_e.double())  # max stays
