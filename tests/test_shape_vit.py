@@ -126,6 +126,7 @@ def test_sampling_through_the_energy_network(data, run, monkeypatch):
                           "--steps", "2", "--no-progress", "--output", str(data / "gen_energy.hdf5")])
     e_inc, showers = common.load_showers(out, 2, progress=False)
     assert calls == [7] and showers.shape == (7, 6480)
+    assert json.loads(Path(f"{out}.json").read_text())["batch_size"] == 1000  # not the training batch
     assert ((e_inc >= common.E_MIN) & (e_inc <= common.E_MAX)).all()
     lost = 0.3 / common.U0_SCALE * e_inc - showers.sum(1)  # E_tot from u_0, less the threshold cut
     assert (lost > -1e-6 * e_inc).all() and (lost < 45 * 144 * common.MIN_ENERGY).all()
