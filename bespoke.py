@@ -14,8 +14,8 @@ samplers' `--solver bespoke --bespoke-ckpt PATH` flags are still to be added (/w
 Fig. 9 (AUC vs NFE for Euler, midpoint, RK4, global and local BNS; trains the BNS solvers unless --bespoke):
     python bespoke.py --sweep --ds 2 --like data/dataset_2_2.hdf5 --steps 4 8 16 32 --loss local global
 CPU quick run on the synthetic showers (`python data.py toy --ds 2`, `python shape_vit.py --toy --preset
-small`; u's of the real showers; 2 shared cores: the 160-condition reference pool takes 4 min, 100 iterations
-of a local n = 8 solver 4.5 min; a sweep of 11 points on 600 showers 21 min):
+small`; u's of the real showers; on 2 shared cores the 160-condition reference pool takes 4 min, 100
+iterations of a local n = 8 solver 4.5 min, a sweep of 11 points on 600 showers 21 min):
     python bespoke.py --preset small --energy-ckpt truth --steps 8 --loss local global
     python bespoke.py --sweep --preset small --energy-ckpt truth --like data/toy_ds2_ref.hdf5 --nfe 8 16 \
         --bespoke runs/bespoke-ds2-<time1> runs/bespoke-ds2-<time2> --vs-reference
@@ -55,7 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="defaults of PRESETS")
-    p.add_argument("--shape-ckpt", help="frozen shape_vit (or latent_vit) run or checkpoint (default: newest shape_vit run)")
+    p.add_argument("--shape-ckpt", help="frozen shape_vit (or latent_vit) run or checkpoint "
+                                        "(default: newest shape_vit run)")
     p.add_argument("--energy-ckpt", help="energy run (default: newest); 'truth': E_inc and u's of real "
                                          "showers (training file when training, --like when sweeping)")
     # solver training
@@ -327,14 +328,14 @@ def train(args, log=None):
         f"frozen parameters); config {json.dumps(vars(args))}")
     pool = make_pool(args, model, ckpt, field, device, log)
     x0v, cv, trv = (p[len(p) - args.n_val:] for p in pool)
-    runs = []
+    runs, bs = [], 10 * args.batch_size
     for n in args.steps:
-        base = {m: end_point_mse(lambda v, x: common.solve(v, x, n // k, m)[0], field, x0v, cv, trv, 10 * args.batch_size)
+        base = {m: end_point_mse(lambda v, x: common.solve(v, x, n // k, m)[0], field, x0v, cv, trv, bs)
                 for m, k in common.NFE_PER_STEP.items() if n % k == 0}
         log(f"end-point MSE vs reference at {n} NFE: " + ", ".join(f"{m} {e:.4e}" for m, e in base.items()))
         for loss_name in args.loss:
             solver, history, best = train_solver(n, loss_name, field, pool, args, log)
-            mse = end_point_mse(lambda v, x: solver(v, x), field, x0v, cv, trv, 10 * args.batch_size)
+            mse = end_point_mse(lambda v, x: solver(v, x), field, x0v, cv, trv, bs)
             log(f"BNS n={n} loss={loss_name}: end-point MSE {mse:.4e}")
             run_dir = common.make_run_dir(SCRIPT, args.ds, args.out)
             common.save_checkpoint(run_dir / "ckpt.pt", script=SCRIPT, ds=args.ds, n=n, loss=loss_name,
@@ -422,7 +423,8 @@ def write_table(rows, run_dir, args, device, log):
     (run_dir / "sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     keys = [k for k in ("auc_high", "auc_low", "auc_high_vs_rk4", "auc_low_vs_rk4") if any(k in r for r in rows)]
     lines = ["| solver | NFE | steps | " + " | ".join(keys) + " | ms / shower |", "|---" * (len(keys) + 4) + "|"]
-    lines += [f"| {r['solver']} | {r['nfe']} | {r['steps']} | " + " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in keys)
+    lines += [f"| {r['solver']} | {r['nfe']} | {r['steps']} | " + " | ".join(f"{r[k]:.3f}" if k in r else "-"
+                                                                         for k in keys)
               + f" | {r['ms_per_shower']:.2f} |" for r in sorted(rows, key=lambda r: (r["solver"], r["nfe"]))]
     (run_dir / "sweep.md").write_text(f"{json.dumps(meta)}\n\n" + "\n".join(lines) + "\n")
     fig, axes = plt.subplots((len(keys) + 1) // 2, 2, figsize=(10, 4 * ((len(keys) + 1) // 2)), squeeze=False)

@@ -159,3 +159,25 @@ def test_cli_train_and_sampler_hook(toy_ds2, tmp_path):
     assert "auc_low_vs_rk4" not in table[0] and all(0 <= r["auc_low_vs_rk4"] <= 1 for r in table[1:])
     assert (sweep_dir / "sweep.png").stat().st_size > 0 and "bns-local" in (sweep_dir / "sweep.md").read_text()
     assert not list(sweep_dir.glob("gen_*.hdf5"))  # generated files are removed unless --keep-showers
+
+
+def test_latent_vit_network(toy_ds2, tmp_path):
+    """A laViT run trains a BNS solver too (its latent grid, its own condition statistics); its sampler
+    runs through load_network's generate (the bespoke hook itself waits for latent_vit's solve_fn)."""
+    import latent_vit
+    import vae
+    files = ["--files", str(toy_ds2 / "toy_ds2_train.hdf5"), "--out", str(tmp_path), "--max-showers", "24",
+             "--batch-size", "8", "--epochs", "1", "--no-progress"]
+    vae_run = vae.main([*files, "--channels", "2"])
+    lavit_run = latent_vit.main([*files, "--vae", str(vae_run), "--preset", "small", "--dim", "12", "--depth", "1",
+                                 "--heads", "2", "--mlp", "24", "--val-fraction", "0.25"])
+    runs = bespoke.main(["--shape-ckpt", str(lavit_run), "--energy-ckpt", "truth", "--out", str(tmp_path),
+                         "--pool", "12", "--n-val", "4", "--iters", "2", "--val-every", "1", "--batch-size", "4",
+                         "--steps", "2", "--loss", "global", "--ref-steps", "10", "--device", "cpu"])
+    assert common.load_checkpoint(runs[0], script="bespoke", ds=2)["shape_ckpt"] == str(lavit_run)
+    model, ckpt, field, generate = bespoke.load_network(lavit_run, 2, "cpu")
+    assert model.cfg.in_shape[0] == 2 and ckpt["script"] == "latent_vit"
+    e_inc = common.sample_e_inc(3, generator=torch.Generator().manual_seed(0))
+    u = torch.full((3, 45), 0.3, dtype=torch.float64)
+    showers = generate(e_inc, u, "euler", 2, 3, torch.Generator().manual_seed(0), None)
+    assert showers.shape == (3, common.geometry(2).n_vox) and torch.isfinite(showers).all()
