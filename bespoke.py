@@ -134,10 +134,11 @@ class BespokeSolver(nn.Module):
 
 
 def load_bespoke(path, ds):
-    """A trained solver (CPU, eval mode) from a bespoke run folder or checkpoint."""
+    """A trained solver (CPU, eval mode; .loss says how it was trained) from a bespoke run or checkpoint."""
     ckpt = common.load_checkpoint(path, script=SCRIPT, ds=ds)
     solver = BespokeSolver(ckpt["n"])
     solver.load_state_dict(ckpt["solver"])
+    solver.loss = ckpt["loss"]
     return solver.eval()
 
 
@@ -353,10 +354,8 @@ def sweep_points(args, bespoke_runs):
     """(label, solver, nfe, solve_fn or None, steps) of every point: RK4 at --rk4-reference first, the
     bespoke solvers (each at its own n), then Euler, midpoint and RK4 at each --nfe their stages divide."""
     points = [("rk4", "rk4", args.rk4_reference, None, args.rk4_reference // 4)] if args.rk4_reference else []
-    for run in bespoke_runs:
-        solver = load_bespoke(run, args.ds)
-        label = f"bns-{common.load_checkpoint(run, script=SCRIPT, ds=args.ds)['loss']}"
-        points.append((label, "bespoke", solver.n, bespoke_solve_fn(solver), solver.n))
+    for solver in (load_bespoke(run, args.ds) for run in bespoke_runs):
+        points.append((f"bns-{solver.loss}", "bespoke", solver.n, bespoke_solve_fn(solver), solver.n))
     return points + [(m, m, nfe, None, nfe // k) for nfe in sorted(args.nfe) for m, k in common.NFE_PER_STEP.items()
                      if nfe % k == 0 and (m, nfe) != ("rk4", args.rk4_reference)]
 

@@ -104,6 +104,7 @@ def test_checkpoint_round_trip_and_hook(tmp_path):
                            solver=solver.state_dict(), shape_ckpt="x")
     loaded = bespoke.load_bespoke(tmp_path, 2)
     assert torch.equal(loaded.times(), solver.times()) and torch.equal(loaded.coefficients(), solver.coefficients())
+    assert loaded.loss == "local"
     with pytest.raises(common.DataError):
         bespoke.load_bespoke(tmp_path, 3)
 
