@@ -306,11 +306,11 @@ def _mmd_poly(a, b, block=2000):
     """Unbiased MMD^2 with the kernel (x.y/d + 1)^4, summed block by block."""
     d = a.shape[1]
 
-    def ksum(p, q, same):
+    def ksum(p, q, same):  # sum of k(p_i, q_j), i != j if same (then only blocks right of the diagonal)
         total = 0.0
         for i in range(0, len(p), block):
-            k = (p[i:i + block] @ q.T).div_(d).add_(1).square_().square_()
-            total += float(k.sum() - (torch.diagonal(k[:, i:i + block]).sum() if same else 0.0))
+            k = (p[i:i + block] @ q[i if same else 0:].T).div_(d).add_(1).square_().square_()
+            total += float(2 * k.sum() - k[:, :block].sum() - torch.diagonal(k).sum() if same else k.sum())
         return total
     m, n = len(a), len(b)
     return ksum(a, a, True) / (m * (m - 1)) + ksum(b, b, True) / (n * (n - 1)) - 2 * ksum(a, b, False) / (m * n)
@@ -349,7 +349,7 @@ def fpd_kpd(feat_gen, feat_ref, seed=0, device=None, n_min=10000, n_max=50000, n
 
 
 # ----------------------------------------------------------------------------- plots (lazy matplotlib)
-def plot_family(path, title, panels, logx=False):
+def plot_family(path, title, panels, logx=False, logy=False):
     """CaloChallenge-style panels: reference filled, generated as a line, generated/reference below.
     panels: list of (label, edges, ref counts, gen counts); edges None leaves a panel empty."""
     import matplotlib
@@ -359,7 +359,7 @@ def plot_family(path, title, panels, logx=False):
     rows = -(-len(panels) // cols)
     fig = plt.figure(figsize=(3.0 * cols, 2.8 * rows + 0.6), dpi=72)
     gs = fig.add_gridspec(3 * rows, cols, height_ratios=[3, 1, 0.9] * rows, hspace=0, wspace=0.3,
-                          left=0.05, right=0.98, top=1 - 0.75 / (2.8 * rows + 0.6), bottom=0.01)
+                          left=0.05, right=0.98, top=1 - 0.9 / (2.8 * rows + 0.6), bottom=0.01)
     for i, (label, edges, n_ref, n_gen) in enumerate(panels):
         r, c = divmod(i, cols)
         ax, axr = fig.add_subplot(gs[3 * r, c]), fig.add_subplot(gs[3 * r + 1, c])
@@ -381,7 +381,7 @@ def plot_family(path, title, panels, logx=False):
                 a.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             a.set_xlim(edges[0], edges[-1])
         ax.set_xticklabels([])
-        if logx:
+        if logy:
             ax.set_yscale("log")
             ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         if i == 0:
@@ -396,7 +396,7 @@ def plot_histograms(out, hists):
         per_layer = key in LAYER_KEYS
         panels = [(f"layer {l}  S={s:.1e}" if per_layer else f"{LABELS[key]}  S={s:.2e}", e, nr, ng)
                   for l, (e, nr, ng, s) in enumerate(entries)]
-        plot_family(out / f"{key}.png", LABELS[key], panels, logx=key in LOG_BINS)
+        plot_family(out / f"{key}.png", LABELS[key], panels, key in LOG_BINS, key not in ("etot_einc", "sparsity"))
 
 
 # ----------------------------------------------------------------------------- the evaluation

@@ -128,6 +128,17 @@ def test_frechet_distance_known_values():
     assert a == pytest.approx(2.0) and b < 1e-6
 
 
+def test_unbiased_mmd_against_brute_force():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(301, 5)), rng.normal(size=(257, 5)) + 0.3
+    k = lambda p, q: (p @ q.T / 5 + 1) ** 4
+    kxx, kyy = k(a, a), k(b, b)
+    expect = ((kxx.sum() - np.trace(kxx)) / (301 * 300) + (kyy.sum() - np.trace(kyy)) / (257 * 256)
+              - 2 * k(a, b).mean())
+    for block in (7, 64, 1000):
+        assert ev._mmd_poly(torch.tensor(a), torch.tensor(b), block=block) == pytest.approx(expect, rel=1e-12)
+
+
 def test_fpd_kpd_gaussians():
     rng = np.random.default_rng(0)
     ref, gen = rng.normal(size=(4000, 5)), rng.normal(size=(4000, 5)) * 1.5 + [1.0, 0, 0, 0, 0]
