@@ -282,16 +282,20 @@ def load_latent(path, ds, device):
 
 @torch.no_grad()
 def generate_showers(model, vae, stats, vae_stats, e_inc, u, ds, cut, solver="rk4", steps=20, batch_size=1000,
-                     generator=None):
+                     generator=None, solve_fn=None):
     """Showers (N, n_vox) float64 MeV on the CPU for E_inc (N,) MeV and physical u's (N, 45):
-    x0 ~ N(0, 1) on the latent grid, ODE t = 0 -> 1, unstandardise, decode (deterministic decoder),
-    per-layer renormalisation with the normalised cut, scaled by the layer energies of the u's."""
+    x0 ~ N(0, 1) on the latent grid, dx/dt = v from t = 0 to 1 with common.solve(solver, steps) or
+    solve_fn(velocity, x0) -> (x1, nfe) (bespoke.py's hook), unstandardise, decode (deterministic
+    decoder), per-layer renormalisation with the normalised cut, scaled by the layer energies of the u's."""
     device = next(model.parameters()).device
+    if solve_fn is None:
+        def solve_fn(velocity, x0):
+            return common.solve(velocity, x0, steps, solver)
     out = []
     for s in range(0, len(e_inc), batch_size):
         e, uu = e_inc[s:s + batch_size].to(device), u[s:s + batch_size].to(device)
         x0 = torch.randn((len(e), *model.cfg.in_shape), generator=generator, device=device)
-        x1, _ = common.solve(velocity_fn(model, common.shape_condition(e, uu, stats["cond"])), x0, steps, solver)
+        x1, _ = solve_fn(velocity_fn(model, common.shape_condition(e, uu, stats["cond"])), x0)
         z = common.unstandardize(x1.float(), stats["latent"])
         frac = vae.decode(z, common.shape_condition(e, uu, vae_stats["cond"]))
         out.append(vae_lib.decoded_to_showers(frac, common.u_to_energies(e, uu), cut).cpu())
