@@ -57,8 +57,8 @@ def high_level_features(e_inc, showers, ds, threshold=MIN_ENERGY):
 
     Voxels below `threshold` are set to 0 first (None: already cut). Returns a dict of e_inc, e_tot (N,)
     and e_layer, ec_x, ec_y, width_x, width_y, ec_r, width_r, sparsity (N, 45)."""
-    x = np.array(showers, dtype=np.float64)
-    if threshold is not None:
+    x = np.asarray(showers, dtype=np.float64) if threshold is None else np.array(showers, dtype=np.float64)
+    if threshold is not None:  # (on a copy)
         x[x < threshold] = 0.0
     pos_x, pos_y, pos_r = common.geometry(ds).voxel_xyr()
     e = x.reshape(len(x), N_LAYERS, -1)
@@ -93,13 +93,13 @@ def scan(paths, ds, max_showers=None, features=True, low=None, vox_edges=None, p
     """One pass over CaloChallenge files in float64 chunks: the 15.15 keV cut, then (optionally) the
     high-level features, the low-level classifier rows [log10 E_inc, voxels / E_inc] written into the
     float32 array `low` (its first len(low) showers), and voxel-energy counts on `vox_edges`."""
-    handles = [common.open_showers(p, ds) for p in paths]
-    total = sum(n for _, n in handles) if max_showers is None else min(sum(n for _, n in handles), max_showers)
+    total = count_showers(paths, ds, max_showers)
     chunk = max(1, 2 ** 28 // (8 * common.geometry(ds).n_vox))  # ~256 MB of float64 per chunk
-    parts, vmax, done = [], 0.0, 0
+    parts, vmax, done, handles = [], 0.0, 0, []
     counts = None if vox_edges is None else np.zeros(len(vox_edges) - 1, np.int64)
     bar = tqdm(total=total, desc=f"reading {Path(paths[0]).name}", unit="shower", disable=not progress, leave=False)
     try:
+        handles += [common.open_showers(p, ds) for p in paths]
         for path, (f, n) in zip(paths, handles):
             for start in range(0, min(n, total - done), chunk):
                 stop = min(start + chunk, n, start + total - done)
@@ -235,9 +235,9 @@ def classify(x_gen, x_ref, seed=0, epochs=50, width=2048, batch_size=1000, lr=2e
         return np.concatenate([model(batch(rows[i:i + batch_size])[0]).squeeze(1).double().cpu().numpy()
                                for i in range(0, len(rows), batch_size)])
 
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):  # leave the caller's RNGs alone
         torch.manual_seed(seed)
-        model = DNN(d, width, hidden).to(device)
+        model = DNN(d, width, hidden).to(device)  # initialised on the CPU: the same weights on any device
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     best, best_epoch, best_state, history = -1.0, 0, None, []
     bar = tqdm(range(epochs), desc=name, disable=not progress, leave=False)
@@ -260,7 +260,7 @@ def classify(x_gen, x_ref, seed=0, epochs=50, width=2048, batch_size=1000, lr=2e
         if acc == 1.0:
             break
     model.load_state_dict(best_state)
-    sig = lambda z: 1.0 / (1.0 + np.exp(-z))
+    sig = lambda z: torch.sigmoid(torch.from_numpy(z)).numpy()  # float64
     knots = isotonic_fit(sig(logits(test)), test[:, 0])
     p_raw = sig(logits(val))
     p, y = np.interp(p_raw, *knots), val[:, 0]
