@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm import tqdm
 
-from common import (N_LAYERS, DataError, Log, autocast, count_parameters, data_files, energies_to_u,
-                    energy_condition, find_latest_run, fit_standardizer, inverse_logit, layer_energies,
-                    load_checkpoint, logit, make_run_dir, open_showers, pick_device, sample_e_inc,
-                    save_checkpoint, seed_everything, solve, split_indices, standardize, unstandardize)
+from common import (N_LAYERS, DataError, Log, all_mean, autocast, count_parameters, data_files, energies_to_u,
+                    energy_condition, find_latest_run, fit_standardizer, init_distributed, inverse_logit,
+                    layer_energies, load_checkpoint, logit, make_run_dir, open_showers, pick_device, rank_share,
+                    sample_e_inc, save_checkpoint, seed_everything, solve, split_indices, standardize, unstandardize)
 
 PRESETS = {  # transformer feed-forward width, head width I, layers per stack, hidden head layers
     "paper": dict(ff=1024, inner=256, layers=4, head_layers=6),  # Table 1: 1,695,297 parameters
@@ -372,7 +372,7 @@ def validation_loss(model, z, c_e, batch_size, seed):
 
 def train(args, stop_after=None):
     """Train (or resume) a run; stop_after=k ends after k epochs as if killed (for tests). Returns the run folder."""
-    device = pick_device(args.device)
+    rank, world, device = init_distributed(args.device)  # torchrun: DDP, one global batch shared by the ranks
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume, script="energy")
@@ -386,8 +386,11 @@ def train(args, stop_after=None):
     stats = ckpt["stats"] if ckpt else fit_standardizer(logit(u[train_idx]))
     z, c_e = u_to_net(u, stats).to(device), energy_condition(e_inc).float().to(device)
     if not ckpt:
-        run_dir = make_run_dir("energy", args.ds, args.out)
-    log = Log(run_dir)
+        run_dir = [make_run_dir("energy", args.ds, args.out) if rank == 0 else None]
+        if world > 1:
+            torch.distributed.broadcast_object_list(run_dir)
+        run_dir = run_dir[0]
+    log = Log(run_dir) if rank == 0 else lambda *msg: None
 
     seed_everything(args.seed)
     model = build_model(vars(args)).to(device)
@@ -400,10 +403,11 @@ def train(args, stop_after=None):
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         history, start, step, nonfinite = ckpt["history"], ckpt["epoch"], ckpt["step"], ckpt["nonfinite"]
-    step_model = model
+    step_model = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)
     if args.compile:
         if device.type == "cuda":
-            step_model = torch.compile(model)
+            step_model = torch.compile(step_model)
         else:
             print("--compile is ignored on the CPU")
     log(f"{'resuming' if ckpt else 'run'} {run_dir} at epoch {start}: config {vars(args)}")
@@ -423,15 +427,16 @@ def train(args, stop_after=None):
         perm = torch.randperm(len(train_idx), generator=gen).to(device)
         model.train()
         losses, tic = [], time.time()
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=args.no_progress,
-                   leave=False)
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}",
+                   disable=args.no_progress or rank > 0, leave=False)
         for b in bar:
             idx = train_dev[perm[b * args.batch_size:(b + 1) * args.batch_size]]
             x0, t = (f((len(idx), N_LAYERS), generator=gen).to(device, non_blocking=True)
-                     for f in (torch.randn, torch.rand))
+                     for f in (torch.randn, torch.rand))  # drawn for the whole global batch on every rank
+            share, weight = rank_share(len(idx), rank, world)  # (slice(None), 1.0) in a plain run
             with autocast(device):
-                loss = cfm_loss(step_model, z[idx], c_e[idx], x0, t)
-            if not torch.isfinite(loss):
+                loss = weight * cfm_loss(step_model, z[idx[share]], c_e[idx[share]], x0[share], t[share])
+            if all_mean(float(torch.isfinite(loss)), device) < 1:  # all ranks skip together
                 nonfinite, in_a_row = nonfinite + 1, in_a_row + 1
                 if in_a_row >= 20:
                     raise SystemExit(f"error: 20 non-finite losses in a row at epoch {epoch + 1}; "
@@ -444,16 +449,16 @@ def train(args, stop_after=None):
             step, in_a_row = step + 1, 0
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        history["train_loss"].append(float(np.mean(losses)) if losses else float("nan"))
+        history["train_loss"].append(all_mean(float(np.mean(losses)) if losses else float("nan"), device))
         msg = ""
-        if (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs:
+        if rank == 0 and ((epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs):
             model.eval()
             val = validation_loss(model, z[val_idx.to(device)], c_e[val_idx.to(device)], args.batch_size, args.seed + 1)
             history["val_loss"].append([epoch + 1, val])
             msg = f" val {val:.4f}"
         log(f"epoch {epoch + 1}/{args.epochs} train {history['train_loss'][-1]:.4f}{msg} "
             f"lr {sched.get_last_lr()[0]:.2e} {len(train_idx) / (time.time() - tic):.0f} samples/s")
-        if (epoch + 1) % args.ckpt_every == 0 or epoch + 1 == args.epochs:
+        if rank == 0 and ((epoch + 1) % args.ckpt_every == 0 or epoch + 1 == args.epochs):
             checkpoint(epoch + 1)
     return run_dir
 
@@ -462,7 +467,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.sample:
         return sample(args)
-    return train(args)
+    run_dir = train(args)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return run_dir
 
 
 if __name__ == "__main__":
