@@ -115,13 +115,19 @@ def velocity_fn(model, cond):
 
 
 # ----------------------------------------------------------------------------- training
-def batch_loss(model, showers, e_inc, stats, ds, generator):
-    """CFM loss of one batch of physical showers: fresh dequantisation noise, t and x0."""
+def batch_loss(model, showers, e_inc, stats, ds, generator, share=None):
+    """CFM loss of one batch of physical showers: fresh dequantisation noise, t and x0. With `share` (DDP) the
+    noise, x0 and t are drawn for the whole global batch (as common.cfm_loss does) and only the share is used."""
     x1 = common.showers_to_net(showers, ds, stats, generator=generator)
     u = common.energies_to_u(e_inc, common.layer_energies(showers, ds))
     cond = common.shape_condition(e_inc, u, stats["cond"])
     with common.autocast(showers.device):
-        return common.cfm_loss(model, x1, cond, generator=generator)
+        if share is None:
+            return common.cfm_loss(model, x1, cond, generator=generator)
+        x0 = torch.randn(x1.shape, generator=generator, device=x1.device)[share]
+        t = torch.rand(x1.shape[0], generator=generator, device=x1.device)[share]
+        x1, tb = x1[share], t.reshape(-1, *[1] * (x1.dim() - 1))
+        return torch.nn.functional.mse_loss(model((1 - tb) * x0 + tb * x1, t, cond[share]).float(), x1 - x0)
 
 
 def fetch(showers, e_inc, idx, device):
@@ -145,6 +151,7 @@ def validation_loss(model, showers, e_inc, idx, stats, args, device):
 
 
 def train(args):
+    rank, world, device = common.init_distributed(args.device)  # torchrun: DDP, one global batch shared by ranks
     ckpt = None
     if args.resume:
         path = common.find_latest_run(SCRIPT, args.ds, args.out) if args.resume == "latest" else Path(args.resume)
@@ -153,9 +160,11 @@ def train(args):
         args = argparse.Namespace(**{**ckpt["config"], **given})
         run_dir = path if path.is_dir() else path.parent
     else:
-        run_dir = common.make_run_dir(SCRIPT, args.ds, args.out)
-    log = common.Log(run_dir)
-    device = common.pick_device(args.device)
+        run_dir = [common.make_run_dir(SCRIPT, args.ds, args.out) if rank == 0 else None]
+        if world > 1:
+            torch.distributed.broadcast_object_list(run_dir)
+        run_dir = run_dir[0]
+    log = common.Log(run_dir) if rank == 0 else lambda *msg: None
     common.seed_everything(args.seed)
     config = json.loads(json.dumps(vars(args), default=str))  # paths as str, tuples as lists
     vit = json.loads(json.dumps(vars(vit_config(args))))
@@ -163,14 +172,21 @@ def train(args):
     model.grad_checkpoint = args.grad_checkpoint
     log(f"{'resuming' if ckpt else 'run'} {run_dir}; config: {json.dumps(config)}")
     log(f"device {device}; trainable parameters {common.count_parameters(model):,}")
-    net = model
+    net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)
     if args.compile and device.type == "cuda":
-        net = torch.compile(model)
+        net = torch.compile(net)
     elif args.compile:
         print("--compile is ignored on CPU")
 
     files = args.files or common.data_files(args.ds, args.data_dir, toy=args.toy)
-    e_inc, showers = common.load_showers(files, args.ds, args.max_showers, progress=not args.no_progress)
+    try:
+        e_inc, showers = common.load_showers(files, args.ds, args.max_showers,
+                                             progress=not args.no_progress and rank == 0)
+    except common.DataError:
+        if ckpt is None and rank == 0:  # a bad file leaves no run folder behind
+            __import__("shutil").rmtree(run_dir, ignore_errors=True)
+        raise
     train_idx, val_idx = common.split_indices(len(showers), args.val_fraction, args.seed)
     if ckpt is None:  # statistics of the training split only (a transient copy of its rows)
         stats = common.fit_shape_stats(e_inc[train_idx], showers[train_idx], args.ds, seed=args.seed)
@@ -201,13 +217,17 @@ def train(args):
         perm = torch.randperm(len(train_idx), generator=gen, device=device).cpu().numpy()
         model.train()
         t0, losses = time.time(), []
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=args.no_progress,
-                   leave=False)
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}",
+                   disable=args.no_progress or rank > 0, leave=False)
         for i in bar:
             x, e = fetch(showers, e_inc, train_idx[perm[i * args.batch_size:(i + 1) * args.batch_size]], device)
-            loss = batch_loss(net, x, e, stats_dev, args.ds, gen)
+            if world == 1:
+                loss = batch_loss(net, x, e, stats_dev, args.ds, gen)
+            else:  # every rank draws the whole batch's random numbers, computes its share of the mean
+                share, weight = common.rank_share(len(x), rank, world)
+                loss = weight * batch_loss(net, x, e, stats_dev, args.ds, gen, share)
             opt.zero_grad(set_to_none=True)
-            if torch.isfinite(loss):
+            if common.all_mean(float(torch.isfinite(loss)), device) == 1:  # all ranks skip together
                 loss.backward()
                 if args.clip_grad > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
@@ -226,16 +246,16 @@ def train(args):
         if device.type == "cuda":
             torch.cuda.synchronize()
         rate = steps_per_epoch * args.batch_size / (time.time() - t0)
-        history["train_loss"].append(float(np.mean(losses)) if losses else float("nan"))
+        history["train_loss"].append(common.all_mean(float(np.mean(losses)) if losses else float("nan"), device))
         val = None
-        if len(val_idx) and ((epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs):
-            val = validation_loss(net, showers, e_inc, val_idx, stats_dev, args, device)
+        if rank == 0 and len(val_idx) and ((epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs):
+            val = validation_loss(net if world == 1 else model, showers, e_inc, val_idx, stats_dev, args, device)
         history["val_loss"].append(val)
         log(f"epoch {epoch + 1} train_loss {history['train_loss'][-1]:.5f} val_loss "
             f"{'-' if val is None else f'{val:.5f}'} lr {sched.get_last_lr()[0]:.3e} samples/s {rate:.1f} "
             f"nonfinite {nonfinite} time {time.time() - t0:.1f}s"
             + (f" max_mem {torch.cuda.max_memory_allocated() / 2**30:.1f}GiB" if device.type == "cuda" else ""))
-        if (epoch + 1) % args.ckpt_every == 0 or epoch + 1 == last:
+        if rank == 0 and ((epoch + 1) % args.ckpt_every == 0 or epoch + 1 == last):
             save(epoch + 1)
     log(f"done: {run_dir / 'ckpt.pt'} (epoch {last} of {args.epochs})")
     return run_dir
@@ -346,7 +366,12 @@ def sample(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    return sample(args) if args.sample else train(resolve(args))
+    if args.sample:
+        return sample(args)
+    run_dir = train(resolve(args))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return run_dir
 
 
 if __name__ == "__main__":
