@@ -136,12 +136,19 @@ def fit_latent_stats(vae, vae_stats, showers, e_inc, idx, ds, device, batch_size
     return {"mean": mean.float(), "std": var.sqrt().clamp(min=1e-6).float()}
 
 
-def batch_loss(model, vae, vae_stats, stats, showers, e_inc, ds, generator):
-    """CFM loss on a fresh reparameterised (standardised) latent of one batch of physical showers."""
+def batch_loss(model, vae, vae_stats, stats, showers, e_inc, ds, generator, share=None):
+    """CFM loss on a fresh reparameterised (standardised) latent of one batch of physical showers. With `share`
+    (DDP) the latent noise, x0 and t are drawn for the whole global batch and only the share is used."""
     mu, logvar, u = encode_batch(vae, vae_stats, e_inc, showers, ds)
     x1 = common.standardize(vae_lib.reparameterize(mu, logvar, generator), stats["latent"])
+    cond = common.shape_condition(e_inc, u, stats["cond"])
     with common.autocast(showers.device):
-        return common.cfm_loss(model, x1, common.shape_condition(e_inc, u, stats["cond"]), generator=generator)
+        if share is None:
+            return common.cfm_loss(model, x1, cond, generator=generator)
+        x0 = torch.randn(x1.shape, generator=generator, device=x1.device)[share]
+        t = torch.rand(x1.shape[0], generator=generator, device=x1.device)[share]
+        x1, tb = x1[share], t.reshape(-1, *[1] * (x1.dim() - 1))
+        return torch.nn.functional.mse_loss(model((1 - tb) * x0 + tb * x1, t, cond[share]).float(), x1 - x0)
 
 
 def fetch(showers, e_inc, idx, device):
@@ -166,13 +173,13 @@ def validation_loss(model, vae, vae_stats, stats, showers, e_inc, idx, args, dev
 
 # ----------------------------------------------------------------------------- training
 def train(args):
+    rank, world, device = common.init_distributed(args.device)  # torchrun: DDP, one global batch shared by ranks
     ckpt = None
     if args.resume:
         path = common.find_latest_run(SCRIPT, args.ds, args.out) if args.resume == "latest" else Path(args.resume)
         ckpt = common.load_checkpoint(path, script=SCRIPT)
         args = argparse.Namespace(**{**ckpt["config"], **{k: getattr(args, k) for k in RUNTIME_FLAGS}})
         run_dir = path if path.is_dir() else path.parent
-    device = common.pick_device(args.device)
     if ckpt is None:
         vae_path = Path(args.vae) if args.vae else common.find_latest_run("vae", args.ds, args.out)
         vae, vae_ckpt = vae_lib.load_vae(vae_path, args.ds, device)
@@ -184,10 +191,13 @@ def train(args):
     vae_stats = to_device(frozen["stats"], device)
     common.seed_everything(args.seed)
     files = args.files or common.data_files(args.ds, args.data_dir, toy=args.toy)
-    e_inc, showers = common.load_showers(files, args.ds, args.max_showers, progress=not args.no_progress)
+    e_inc, showers = common.load_showers(files, args.ds, args.max_showers, progress=not args.no_progress and rank == 0)
     if ckpt is None:
-        run_dir = common.make_run_dir(SCRIPT, args.ds, args.out)
-    log = common.Log(run_dir)
+        run_dir = [common.make_run_dir(SCRIPT, args.ds, args.out) if rank == 0 else None]
+        if world > 1:
+            torch.distributed.broadcast_object_list(run_dir)
+        run_dir = run_dir[0]
+    log = common.Log(run_dir) if rank == 0 else lambda *msg: None
     train_idx, val_idx = common.split_indices(len(showers), args.val_fraction, args.seed)
     if ckpt is None:  # statistics of the training split only
         u = common.energies_to_u(torch.from_numpy(e_inc[train_idx]),
@@ -201,9 +211,10 @@ def train(args):
     stats_dev = to_device(stats, device)
 
     model = common.ViT(vit_config(args, vae.latent_shape)).to(device)
-    net = model
+    net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)
     if args.compile and device.type == "cuda":
-        net = torch.compile(model)
+        net = torch.compile(net)
     elif args.compile:
         print("--compile is ignored on CPU")
     steps_per_epoch = max(1, len(train_idx) // args.batch_size)
@@ -234,13 +245,17 @@ def train(args):
         perm = torch.randperm(len(train_idx), generator=gen, device=device).cpu().numpy()
         model.train()
         t0, losses = time.time(), []
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=args.no_progress,
-                   leave=False)
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}",
+                   disable=args.no_progress or rank > 0, leave=False)
         for i in bar:
             x, e = fetch(showers, e_inc, train_idx[perm[i * args.batch_size:(i + 1) * args.batch_size]], device)
-            loss = batch_loss(net, vae, vae_stats, stats_dev, x, e, args.ds, gen)
+            if world == 1:
+                loss = batch_loss(net, vae, vae_stats, stats_dev, x, e, args.ds, gen)
+            else:  # every rank draws the whole batch's random numbers, computes its share of the mean
+                share, weight = common.rank_share(len(x), rank, world)
+                loss = weight * batch_loss(net, vae, vae_stats, stats_dev, x, e, args.ds, gen, share)
             opt.zero_grad(set_to_none=True)
-            if torch.isfinite(loss):
+            if common.all_mean(float(torch.isfinite(loss)), device) == 1:  # all ranks skip together
                 loss.backward()
                 opt.step()
                 losses.append(loss.item())
@@ -256,15 +271,16 @@ def train(args):
         if device.type == "cuda":
             torch.cuda.synchronize()
         rate = steps_per_epoch * args.batch_size / (time.time() - t0)
-        history["train_loss"].append(float(np.mean(losses)) if losses else float("nan"))
+        history["train_loss"].append(common.all_mean(float(np.mean(losses)) if losses else float("nan"), device))
         val = None
-        if len(val_idx) and ((epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs):
-            val = validation_loss(net, vae, vae_stats, stats_dev, showers, e_inc, val_idx, args, device)
+        if rank == 0 and len(val_idx) and ((epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs):
+            val = validation_loss(net if world == 1 else model, vae, vae_stats, stats_dev, showers, e_inc, val_idx,
+                                  args, device)
         history["val_loss"].append(val)
         log(f"epoch {epoch + 1} train_loss {history['train_loss'][-1]:.5f} val_loss "
             f"{'-' if val is None else f'{val:.5f}'} lr {sched.get_last_lr()[0]:.3e} samples/s {rate:.1f} "
             f"nonfinite {nonfinite} time {time.time() - t0:.1f}s")
-        if (epoch + 1) % args.ckpt_every == 0 or epoch + 1 == last:
+        if rank == 0 and ((epoch + 1) % args.ckpt_every == 0 or epoch + 1 == last):
             save(epoch + 1)
     log(f"done: {run_dir / 'ckpt.pt'} (epoch {last} of {args.epochs})")
     return run_dir
@@ -361,7 +377,10 @@ def main(argv=None):
     args = resolve(parse_args(argv))
     if args.sample:
         return sample(args)
-    return train(args)
+    run_dir = train(args)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return run_dir
 
 
 if __name__ == "__main__":
