@@ -77,7 +77,9 @@ def parse_args(argv=None):
                                          "the u's of the --like file (evaluates the shape network alone)")
     p.add_argument("--n", type=int, help="number of showers (default: as many as --like)")
     p.add_argument("--like", help="reference file whose E_inc are copied (same law and count)")
-    p.add_argument("--solver", default="rk4", choices=sorted(common.NFE_PER_STEP))
+    p.add_argument("--solver", default="rk4", choices=sorted(common.NFE_PER_STEP) + ["bespoke"],
+                   help="'bespoke': the trained solver of --bespoke-ckpt (its own step count)")
+    p.add_argument("--bespoke-ckpt", help="bespoke.py run folder or checkpoint for --solver bespoke")
     p.add_argument("--steps", type=int, default=20, help="ODE steps (paper: RK4, 20)")
     p.add_argument("--output", help="generated file (default: <shape run>/gen_ds{ds}_<n>.hdf5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
@@ -183,7 +185,7 @@ def train(args):
     try:
         e_inc, showers = common.load_showers(files, args.ds, args.max_showers,
                                              progress=not args.no_progress and rank == 0)
-    except common.DataError:
+    except (common.DataError, ValueError):
         if ckpt is None and rank == 0:  # a bad file leaves no run folder behind
             __import__("shutil").rmtree(run_dir, ignore_errors=True)
         raise
@@ -324,6 +326,13 @@ def sample(args):
     else:
         e_inc = common.sample_e_inc(args.n, generator=torch.Generator().manual_seed(args.seed))
     n, batch_size = len(e_inc), args.batch_size or 1000
+    solve_fn, nfe = None, args.steps * common.NFE_PER_STEP.get(args.solver, 0)
+    if args.solver == "bespoke":
+        if not args.bespoke_ckpt:
+            raise ValueError("--solver bespoke needs --bespoke-ckpt RUN_OR_CKPT (a bespoke.py run)")
+        import bespoke  # lazily: bespoke.py imports this script
+        solver = bespoke.load_bespoke(args.bespoke_ckpt, args.ds)
+        solve_fn, args.steps, nfe = bespoke.bespoke_solve_fn(solver), solver.n, solver.n
     run_dir = shape_path if shape_path.is_dir() else shape_path.parent
     output = Path(args.output) if args.output else run_dir / f"gen_ds{args.ds}_{n}.hdf5"
     writer = common.ShowerWriter(output, n, args.ds, overwrite=args.overwrite)  # refuses an existing file now
@@ -347,15 +356,15 @@ def sample(args):
         for s in range(0, n, batch_size):
             t1 = time.time()
             x = generate_showers(model, stats, e_inc[s:s + batch_size], u[s:s + batch_size], args.ds,
-                                 args.solver, args.steps, batch_size, generator=gen)
+                                 args.solver, args.steps, batch_size, generator=gen, solve_fn=solve_fn)
             t_shape += time.time() - t1  # .cpu() inside synchronises
             writer.write(e_inc[s:s + batch_size], x)
             bar.update(len(x))
     total = time.time() - t0
-    nfe = args.steps * common.NFE_PER_STEP[args.solver]
     info = {"file": str(output), "ds": args.ds, "n": n, "solver": args.solver, "steps": args.steps,
             "nfe": nfe, "batch_size": batch_size, "seed": args.seed, "device": str(device),
-            "shape_ckpt": str(shape_path), "shape_epoch": ckpt["epoch"], "energy": energy_desc,
+            "bespoke_ckpt": args.bespoke_ckpt, "shape_ckpt": str(shape_path), "shape_epoch": ckpt["epoch"],
+            "energy": energy_desc,
             "like": args.like, "seconds_energy": t_energy, "seconds_shape": t_shape, "seconds_total": total,
             "ms_per_shower_shape": 1e3 * t_shape / n, "showers_per_second": n / total}
     Path(f"{output}.json").write_text(json.dumps(info, indent=1) + "\n")
