@@ -70,3 +70,15 @@ def test_shape_vit_ddp_matches_single_process(toy_ds2, tmp_path):
     plain, ddp = run_both("shape_vit.py", args, tmp_path)
     assert_same(plain, ddp)
     assert ddp["history"]["val_loss"] == pytest.approx(plain["history"]["val_loss"], rel=1e-5)
+
+
+def test_latent_vit_ddp_matches_single_process(toy_ds2, tmp_path):
+    import vae
+    run = vae.main(["--files", str(toy_ds2 / "toy_ds2_train.hdf5"), "--out", str(tmp_path / "vae"), "--channels", "2",
+                    "--batch-size", "8", "--max-showers", "24", "--epochs", "1", "--no-progress", "--device", "cpu"])
+    # 54 training showers, batch 13: 4 steps per epoch of 6 + 7 showers per rank
+    args = ["--files", str(toy_ds2 / "toy_ds2_train.hdf5"), "--vae", str(run), "--preset", "small", "--dim", "12",
+            "--depth", "1", "--heads", "2", "--mlp", "24", "--batch-size", "13", "--max-showers", "60", "--epochs", "2"]
+    plain, ddp = run_both("latent_vit.py", args, tmp_path)
+    assert_same(plain, ddp)
+    assert ddp["history"]["val_loss"] == pytest.approx(plain["history"]["val_loss"], rel=1e-5)
