@@ -86,7 +86,9 @@ def parse_args(argv=None):
                                          "the u's of the --like file (evaluates laViT + VAE alone)")
     p.add_argument("--n", type=int, help="number of showers (default: as many as --like)")
     p.add_argument("--like", help="reference file whose E_inc are copied (same law and count)")
-    p.add_argument("--solver", default="rk4", choices=sorted(common.NFE_PER_STEP))
+    p.add_argument("--solver", default="rk4", choices=sorted(common.NFE_PER_STEP) + ["bespoke"],
+                   help="'bespoke': the trained solver of --bespoke-ckpt (its own step count)")
+    p.add_argument("--bespoke-ckpt", help="bespoke.py run folder or checkpoint for --solver bespoke")
     p.add_argument("--steps", type=int, default=20, help="ODE steps (paper: RK4, 20)")
     p.add_argument("--cut", type=float, help="normalised cut on voxel fractions (default: the VAE's calibrated)")
     p.add_argument("--output", help="generated file (default: <run>/gen_ds{ds}_<n>.hdf5)")
@@ -334,6 +336,13 @@ def sample(args):
     else:
         e_inc = common.sample_e_inc(args.n, generator=torch.Generator().manual_seed(args.seed))
     n, batch_size = len(e_inc), args.batch_size or 1000
+    solve_fn, nfe = None, args.steps * common.NFE_PER_STEP.get(args.solver, 0)
+    if args.solver == "bespoke":
+        if not args.bespoke_ckpt:
+            raise ValueError("--solver bespoke needs --bespoke-ckpt RUN_OR_CKPT (a bespoke.py run)")
+        import bespoke  # lazily: bespoke.py imports shape_vit
+        solver = bespoke.load_bespoke(args.bespoke_ckpt, args.ds)
+        solve_fn, args.steps, nfe = bespoke.bespoke_solve_fn(solver), solver.n, solver.n
     run_dir = path if path.is_dir() else path.parent
     output = Path(args.output) if args.output else run_dir / f"gen_ds{args.ds}_{n}.hdf5"
     writer = common.ShowerWriter(output, n, args.ds, overwrite=args.overwrite)  # refuses an existing file now
@@ -356,15 +365,16 @@ def sample(args):
         for s in range(0, n, batch_size):
             t1 = time.time()
             x = generate_showers(model, vae, stats, vae_stats, e_inc[s:s + batch_size], u[s:s + batch_size],
-                                 args.ds, cut, args.solver, args.steps, batch_size, generator=gen)
+                                 args.ds, cut, args.solver, args.steps, batch_size, generator=gen,
+                                 solve_fn=solve_fn)
             t_shape += time.time() - t1  # .cpu() inside synchronises
             writer.write(e_inc[s:s + batch_size], x)
             bar.update(len(x))
     total = time.time() - t0
-    nfe = args.steps * common.NFE_PER_STEP[args.solver]
     info = {"file": str(output), "ds": args.ds, "n": n, "solver": args.solver, "steps": args.steps,
             "nfe": nfe, "batch_size": batch_size, "seed": args.seed, "device": str(device), "cut": cut,
-            "latent_ckpt": str(path), "latent_epoch": ckpt["epoch"], "vae_ckpt": ckpt["vae"]["path"],
+            "bespoke_ckpt": args.bespoke_ckpt, "latent_ckpt": str(path), "latent_epoch": ckpt["epoch"],
+            "vae_ckpt": ckpt["vae"]["path"],
             "energy": energy_desc, "like": args.like, "seconds_energy": t_energy, "seconds_shape": t_shape,
             "seconds_total": total, "ms_per_shower_shape": 1e3 * t_shape / n, "showers_per_second": n / total}
     Path(f"{output}.json").write_text(json.dumps(info, indent=1) + "\n")
