@@ -1,0 +1,248 @@
+"""The whole CaloDREAM chain in one command, ending in a report (README: "Two commands for a new user").
+
+    python demo.py                       # CPU, synthetic DS2 showers: data -> energy -> shape ViT -> sample
+                                         #   -> evaluate -> demo/ds2-toy/report.md (about 20 min on 2 cores)
+    python demo.py --latent --bespoke    # also VAE -> laViT and a bespoke 8-step solver
+    python demo.py --real --ds 2         # the paper's configuration on data/dataset_2_{1,2}.hdf5 (GPU; days)
+
+Every stage is the stage's own script, run as a subprocess with the flags printed in the report, so the
+report says exactly how to redo any step by hand. A stage whose output exists is skipped: after a kill,
+run the same command again and it goes on where it stopped (`--fresh` starts over).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Reduced settings for the synthetic showers on a CPU; --real uses each script's paper defaults instead.
+TOY = {
+    "data": ["--n", "6000", "--n-ref", "3000"],
+    "energy": ["--max-showers", "3000", "--epochs", "8", "--batch-size", "128", "--lr", "1e-3", "--val-every", "2",
+               "--ckpt-every", "1"],
+    "shape": ["--preset", "small", "--epochs", "4", "--val-every", "1", "--ckpt-every", "1"],
+    "vae": ["--channels", "16", "--epochs", "6", "--val-every", "2", "--ckpt-every", "2"],
+    "latent": ["--preset", "small", "--epochs", "8", "--val-every", "2", "--ckpt-every", "2"],
+    "bespoke": ["--preset", "small", "--steps", "8", "--loss", "local", "--iters", "300"],
+    "sample": ["--solver", "rk4", "--steps", "8"],
+    "evaluate": ["--cls-epochs", "10", "--cls-width", "256"],
+}
+TINY_VIT = ["--dim", "12", "--heads", "2", "--mlp", "24", "--depth", "1", "--epochs", "1", "--batch-size", "32"]
+SMOKE = {  # --smoke: checks the wiring of every stage in a few minutes; the scores mean nothing
+    "data": ["--n", "600", "--n-ref", "300"],
+    "energy": ["--preset", "tiny", "--epochs", "2", "--batch-size", "64"],
+    "shape": ["--preset", "small"] + TINY_VIT,
+    "vae": ["--channels", "4", "--epochs", "1", "--batch-size", "32"],
+    "latent": ["--preset", "small"] + TINY_VIT,
+    "bespoke": ["--preset", "small", "--steps", "4", "--loss", "local", "--iters", "4", "--pool", "24", "--n-val", "8",
+                "--batch-size", "8", "--ref-steps", "8", "--val-every", "2"],
+    "sample": ["--solver", "rk4", "--steps", "2"],
+    "evaluate": ["--cls-epochs", "1", "--cls-width", "16"],
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ds", type=int, default=2, choices=[2, 3], help="CaloChallenge dataset")
+    p.add_argument("--real", action="store_true", help="real files in --data-dir and the paper's settings")
+    p.add_argument("--data-dir", help="real files (default data/); synthetic ones go to <demo folder>/data")
+    p.add_argument("--out", help="demo folder (default demo/ds<N>-toy or demo/ds<N>-real)")
+    p.add_argument("--latent", action="store_true", help="also train the VAE and the latent ViT")
+    p.add_argument("--bespoke", action="store_true", help="also train a bespoke 8-step solver")
+    p.add_argument("--device", help="passed to every stage (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fresh", action="store_true", help="forget finished stages and start over")
+    p.add_argument("--smoke", action="store_true", help="tiny settings that only check the wiring (minutes)")
+    return p.parse_args(argv)
+
+
+def _cuda():
+    import torch
+    return torch.cuda.is_available()
+
+
+class Chain:
+    """Runs the stages, remembers which finished (state.json) and how long each took."""
+
+    def __init__(self, args):
+        self.args, self.ds = args, args.ds
+        self.dir = Path(args.out or f"demo/ds{args.ds}-{'real' if args.real else 'smoke' if args.smoke else 'toy'}")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.state_path = self.dir / "state.json"
+        fresh = args.fresh or not self.state_path.exists()
+        # One OpenMP thread per stage on a CPU: on a shared 2-core machine two threads ran 5-10x slower.
+        self.env = dict(os.environ)
+        if not (args.device or "").startswith("cuda") and not _cuda():
+            self.env.setdefault("OMP_NUM_THREADS", "1")
+        self.state = {"stages": {}} if fresh else json.loads(self.state_path.read_text())
+
+    def flags(self, name):
+        return [] if self.args.real else (SMOKE if self.args.smoke else TOY)[name]
+
+    def common(self):
+        extra = ["--device", self.args.device] if self.args.device else []
+        return ["--ds", str(self.ds), "--seed", str(self.args.seed), "--no-progress"] + extra
+
+    def run(self, name, cmd, product, resume=None):
+        """Run `python <cmd>` unless stage `name` already finished; returns its product path."""
+        return self.run_many([(name, cmd, product, resume)])[0]
+
+    def run_many(self, stages):
+        """Run independent stages side by side (one CPU core each); a training stage killed earlier
+        (`resume` = its script name) continues from its last checkpoint with --resume."""
+        procs, products = [], {}
+        for name, cmd, product, resume in stages:
+            done = self.state["stages"].get(name)
+            if done and Path(done["product"]).exists():
+                print(f"[demo] {name}: done before ({done['product']}), skipped")
+                products[name] = Path(done["product"])
+                continue
+            old = sorted((self.dir / "runs").glob(f"{resume}-ds{self.ds}-*/ckpt.pt")) if resume else []
+            if old:
+                cmd = [resume + ".py", "--resume", old[-1].parent, "--no-progress"] + (
+                    ["--device", self.args.device] if self.args.device else [])
+            cmd = [sys.executable] + [str(c) for c in cmd]
+            print(f"[demo] {name}: {' '.join(cmd[1:])}", flush=True)
+            procs.append((name, cmd, product, time.time(), subprocess.Popen(cmd, env=self.env)))
+        for name, cmd, product, start, proc in procs:
+            _, status, use = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            if proc.returncode != 0:
+                for *_, other in procs:
+                    other.poll() is None and other.kill()
+                sys.exit(f"error: stage {name} failed (command above); fix it and run demo.py again to resume")
+            products[name] = product() if callable(product) else Path(product)
+            self.state["stages"][name] = {"cmd": " ".join(["python"] + cmd[1:]), "seconds": time.time() - start,
+                                          "cpu_seconds": use.ru_utime + use.ru_stime, "product": str(products[name])}
+            self.state_path.write_text(json.dumps(self.state, indent=1))
+        return [products[name] for name, *_ in stages]
+
+    def newest_run(self, script):
+        runs = sorted((self.dir / "runs").glob(f"{script}-ds{self.ds}-*/ckpt.pt"), key=lambda p: p.stat().st_mtime)
+        if not runs:
+            sys.exit(f"error: the {script} stage left no checkpoint under {self.dir / 'runs'}")
+        return runs[-1].parent
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    chain, ds, runs = Chain(args), args.ds, None
+    runs = chain.dir / "runs"
+    args.data_dir = args.data_dir or ("data" if args.real else str(chain.dir / "data"))
+    data_flags = ["--data-dir", args.data_dir] + ([] if args.real else ["--toy"])
+    if args.real:
+        import common
+        ref = common.data_files(ds, args.data_dir, split="ref")
+        for f in ref:
+            if not f.exists():
+                sys.exit(f"error: {f} not found: get the real files with `python data.py download --ds {ds}`")
+    else:
+        ref = [Path(args.data_dir) / f"toy_ds{ds}_ref.hdf5"]
+        chain.run("data", ["data.py", "toy", "--ds", ds, "--out", args.data_dir, "--seed", args.seed, "--overwrite"]
+                  + chain.flags("data"), ref[0])
+    train = chain.common() + data_flags + ["--out", runs]
+    energy, shape = chain.run_many([  # independent: side by side
+        ("energy", ["energy.py"] + train + chain.flags("energy"), lambda: chain.newest_run("energy"), "energy"),
+        ("shape_vit", ["shape_vit.py"] + train + chain.flags("shape"), lambda: chain.newest_run("shape_vit"),
+         "shape_vit")])
+    like = ["--like", ref[0], "--energy-ckpt", energy, "--overwrite"] + chain.common()
+    samples = {"ViT": chain.run("sample", ["shape_vit.py", "--sample", "--ckpt", shape, "--output",
+                                           chain.dir / "gen_vit.hdf5"] + like + chain.flags("sample"),
+                                chain.dir / "gen_vit.hdf5")}
+    if args.latent:
+        vae = chain.run("vae", ["vae.py"] + train + chain.flags("vae"), lambda: chain.newest_run("vae"), "vae")
+        recon = chain.run("vae_reconstruct", ["vae.py", "--reconstruct", "--ckpt", vae, "--like", ref[0], "--output",
+                                              chain.dir / "recon_vae.hdf5", "--overwrite"] + chain.common(),
+                          chain.dir / "recon_vae.hdf5")
+        samples["VAE reconstruction"] = recon
+        lavit = chain.run("latent_vit", ["latent_vit.py", "--vae", vae] + train + chain.flags("latent"),
+                          lambda: chain.newest_run("latent_vit"), "latent_vit")
+        samples["laViT"] = chain.run("latent_sample", ["latent_vit.py", "--sample", "--ckpt", lavit, "--output",
+                                                       chain.dir / "gen_lavit.hdf5"] + like + chain.flags("sample"),
+                                     chain.dir / "gen_lavit.hdf5")
+    if args.bespoke:
+        solver = chain.run("bespoke", ["bespoke.py", "--shape-ckpt", shape, "--energy-ckpt", energy, "--out", runs]
+                           + chain.common() + chain.flags("bespoke"), lambda: chain.newest_run("bespoke"))
+        samples["ViT, bespoke 8 steps"] = chain.run(
+            "bespoke_sample", ["shape_vit.py", "--sample", "--ckpt", shape, "--solver", "bespoke", "--bespoke-ckpt",
+                               solver, "--output", chain.dir / "gen_bespoke.hdf5"] + like, chain.dir / "gen_bespoke.hdf5")
+    evals = {}
+    for label, gen in samples.items():
+        out = chain.dir / "eval" / Path(gen).stem
+        evals[label] = chain.run(f"evaluate {label}", ["evaluate.py", "-i", gen, "-r", *ref, "--ds", ds, "-m", "all",
+                                                       "--out", out, "--seed", args.seed, "--no-progress"]
+                                 + (["--device", args.device] if args.device else []) + chain.flags("evaluate"),
+                                 out / "summary.json")
+    report = write_report(chain, evals)
+    print(f"[demo] report: {report}")
+
+
+# ----------------------------------------------------------------------------- report
+def training_curves(chain, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    runs = [r for r in sorted((chain.dir / "runs").glob(f"*-ds{chain.ds}-*/ckpt.pt")) if "bespoke" not in str(r)]
+    fig, axes = plt.subplots(1, max(1, len(runs)), figsize=(4 * max(1, len(runs)), 3.2), squeeze=False)
+    for ax, ckpt_path in zip(axes[0], runs):
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        hist = ckpt.get("history", {})
+        train = hist.get("train_loss", [])
+        ax.plot(range(1, len(train) + 1), train, label="train")
+        val = hist.get("val_loss", [])
+        if val and isinstance(val[0], (list, tuple)):  # [[epoch, loss], ...]
+            ax.plot([v[0] for v in val], [v[1] for v in val], "o-", label="validation")
+        elif val:
+            every = max(1, len(train) // len(val))
+            ax.plot([every * (i + 1) for i in range(len(val))], val, "o-", label="validation")
+        ax.set(title=ckpt.get("script", ckpt_path.parent.name), xlabel="epoch", ylabel="loss")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _fmt(x, digits=3):
+    return "-" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def write_report(chain, evals):
+    out = chain.dir / "report.md"
+    training_curves(chain, chain.dir / "training_curves.png")
+    lines = [f"# CaloDREAM demo: dataset {chain.ds} ({'real' if chain.args.real else 'synthetic'} showers)", "",
+             "Judge the run from the pictures: reference (Geant4 or synthetic) filled, generated as lines. "
+             "A classifier AUC of 0.5 means the generated showers cannot be told from the reference.", "",
+             "## Stages (commands to redo each by hand; wall and CPU seconds)", "",
+             "| stage | wall s | CPU s | command |", "|---|---|---|---|"]
+    for name, s in chain.state["stages"].items():
+        lines.append(f"| {name} | {s['seconds']:.0f} | {s.get('cpu_seconds', 0):.0f} | `{s['cmd']}` |")
+    total = sum(s["seconds"] for s in chain.state["stages"].values())
+    lines += ["", f"Total wall time {total / 60:.1f} min (CPU seconds show the cost on an idle machine)."]
+    lines += ["", "## Training curves", "", "![training curves](training_curves.png)", "",
+              "## Scores", "", "| sample | AUC low-level | AUC high-level | JSD high | FPD x1e3 | KPD x1e3 |",
+              "|---|---|---|---|---|---|"]
+    summaries = {k: json.loads(Path(v).read_text()) for k, v in evals.items()}
+    for label, s in summaries.items():
+        low, high, fk = s.get("cls_low", {}), s.get("cls_high", {}), s.get("fpd_kpd", {})
+        lines.append(f"| {label} | {_fmt(low.get('auc'))} | {_fmt(high.get('auc'))} | {_fmt(high.get('jsd'))} "
+                     f"| {_fmt(fk.get('fpd'), 2)} | {_fmt(fk.get('kpd'), 3)} |")
+    lines += ["", "## Separation powers (mean over layers; 0 = identical, 1 = disjoint)", "",
+              "| feature | " + " | ".join(summaries) + " |", "|---|" + "---|" * len(summaries)]
+    keys = sorted({k for s in summaries.values() for k in s.get("separation_power_mean", {})})
+    for k in keys:
+        lines.append(f"| {k} | " + " | ".join(_fmt(s.get("separation_power_mean", {}).get(k), 4)
+                                              for s in summaries.values()) + " |")
+    for label, path in evals.items():
+        folder = Path(path).parent
+        lines += ["", f"## Histograms: {label}", ""]
+        for png in sorted(folder.glob("*.png")):
+            lines.append(f"![{png.stem}]({png.relative_to(chain.dir)})")
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()
