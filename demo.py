@@ -220,7 +220,8 @@ def write_report(chain, evals):
     for name, s in chain.state["stages"].items():
         lines.append(f"| {name} | {s['seconds']:.0f} | {s.get('cpu_seconds', 0):.0f} | `{s['cmd']}` |")
     total = sum(s["seconds"] for s in chain.state["stages"].values())
-    lines += ["", f"Total wall time {total / 60:.1f} min (CPU seconds show the cost on an idle machine)."]
+    lines += ["", f"Sum of the stage wall times {total / 60:.1f} min (energy and shape train side by side; "
+              "CPU seconds show the cost on an idle machine)."]
     lines += ["", "## Training curves", "", "![training curves](training_curves.png)", "",
               "## Scores", "", "| sample | AUC low-level | AUC high-level | JSD high | FPD x1e3 | KPD x1e3 |",
               "|---|---|---|---|---|---|"]
@@ -239,7 +240,7 @@ def write_report(chain, evals):
         folder = Path(path).parent
         lines += ["", f"## Histograms: {label}", ""]
         for png in sorted(folder.glob("*.png")):
-            lines.append(f"![{png.stem}]({png.relative_to(chain.dir)})")
+            lines.append(f"![{png.stem}]({os.path.relpath(png, chain.dir)})")
     out.write_text("\n".join(lines) + "\n")
     return out
 
