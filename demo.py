@@ -4,10 +4,13 @@
                                          #   -> evaluate -> demo/ds2-toy/report.md (about 20 min on 2 cores)
     python demo.py --latent --bespoke    # also VAE -> laViT and a bespoke 8-step solver
     python demo.py --real --ds 2         # the paper's configuration on data/dataset_2_{1,2}.hdf5 (GPU; days)
+    python demo.py --smoke --latent --bespoke --out /tmp/smoke   # tiny settings: checks every stage's wiring
 
 Every stage is the stage's own script, run as a subprocess with the flags printed in the report, so the
 report says exactly how to redo any step by hand. A stage whose output exists is skipped: after a kill,
-run the same command again and it goes on where it stopped (`--fresh` starts over).
+run the same command again and it goes on where it stopped (a killed training resumes from its last
+checkpoint; `--fresh` starts over). On a CPU every stage runs with OMP_NUM_THREADS=1, and the energy and
+shape networks train side by side (one core each).
 """
 import argparse
 import json
