@@ -3,8 +3,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Tiny tensors: one intra-op thread is faster than two (two spin on each other on a busy 2-core CPU).
+torch.set_num_threads(1)
 
 
 def _toy(tmp_path_factory, ds, n_train, n_ref):
