@@ -9,15 +9,6 @@ import bespoke
 import common
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids the oversubscription that slows them 10x on a shared 2-core CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def nonlinear_velocity(dim=6, seed=0):
     w = torch.randn(dim, dim, generator=torch.Generator().manual_seed(seed)) / math.sqrt(dim)
 

@@ -18,15 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL_FPD = dict(n_min=1000, n_max=4000, n_points=4, n_draws=3, kpd_batches=4, kpd_batch=500)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks run far faster on one thread, above all on a CPU shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def fake_showers(n, seed, ds=2, depth=0.0):
     """Random but shower-like: log-uniform E_inc, a Gaussian longitudinal profile, falling radial profile."""
     rng = np.random.default_rng(seed)

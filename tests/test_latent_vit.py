@@ -11,15 +11,6 @@ TINY = ["--preset", "small", "--dim", "12", "--depth", "1", "--heads", "2", "--m
         "--max-showers", "24", "--val-fraction", "0.25", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads spin against each other (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def vae_run(toy_ds2, tmp_path_factory):
     return V.main(["--files", str(toy_ds2 / "toy_ds2_train.hdf5"), "--out", str(tmp_path_factory.mktemp("vae")),

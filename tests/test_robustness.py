@@ -29,14 +29,6 @@ SHAPE = ["--dim", "12", "--heads", "2", "--mlp", "24", "--depth", "1", "--patch"
 EPOCHS = {"energy": 30, "shape_vit": 8}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def cli(*args):
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True)
 

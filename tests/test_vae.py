@@ -13,15 +13,6 @@ def _tiny_args(toy_ds2, out, *extra):
     return ["--files", str(toy_ds2 / "toy_ds2_train.hdf5"), "--out", str(out), *TINY, *extra]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads spin against each other (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def vae_run(toy_ds2, tmp_path_factory):
     return V.main(_tiny_args(toy_ds2, tmp_path_factory.mktemp("vae_runs"), "--epochs", "1"))
