@@ -17,7 +17,7 @@ Sections (--sections, default all) print a table each and rewrite --out (bench.j
   memory    peak RSS of common.load_showers on a synthetic DS3 file, in a clean subprocess
 Timings: median of up to --repeats calls after a warm-up (at most --budget seconds each); CUDA synchronised,
 bf16 autocast where the scripts use it. Peak memory: torch.cuda.max_memory_allocated per row on CUDA, the
-process's peak RSS (it only grows) on CPU. Measured numbers: /work/notes/readme_bench.md.
+process's peak RSS (it only grows) on CPU. Measured numbers and how to read them: README.md, section "Speed and memory".
 """
 import argparse
 import contextlib
