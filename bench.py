@@ -433,19 +433,28 @@ def bench_training(args, device, res):
 MEMORY_PROBE = r"""
 import json, resource, sys
 import common
-rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-base = rss()
+
+
+def peak_rss():  # VmHWM: this process's own peak (ru_maxrss also keeps the RSS of the parent it was forked from)
+    try:
+        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+base = peak_rss()
 e_inc, showers = common.load_showers([sys.argv[1]], 3, progress=False)
 if sys.argv[2] == "shape_vit":  # what shape_vit.train does next: statistics of the training split
     idx, _ = common.split_indices(len(showers), 0.1, 0)
     common.fit_shape_stats(e_inc[idx], showers[idx], 3)
-print(json.dumps(dict(baseline=base, peak=rss(), nbytes=showers.nbytes + e_inc.nbytes)))
+print(json.dumps(dict(baseline=base, peak=peak_rss(), nbytes=showers.nbytes + e_inc.nbytes)))
 """
 
 
 def bench_memory(args, device, res):
-    """Peak RSS of a clean process that loads a synthetic DS3 training file with common.load_showers (and of
-    one that then fits shape_vit's statistics as its train() does), against the float32 size of the data."""
+    """Peak RSS (VmHWM) of a fresh process that loads a synthetic DS3 training file with common.load_showers
+    (and of one that then fits shape_vit's statistics as its train() does), against the float32 size of the
+    data. baseline: the interpreter with torch imported; overhead: peak - baseline - data, the transients."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         start = time.time()
@@ -460,7 +469,7 @@ def bench_memory(args, device, res):
             rows.append(dict(name=mode, n=args.memory_n, float32_gb=r["nbytes"] / 1e9, baseline_gb=r["baseline"] / 1e9,
                              peak_gb=r["peak"] / 1e9, peak_over_float32=r["peak"] / r["nbytes"],
                              excess_over_float32=(r["peak"] - r["baseline"]) / r["nbytes"],
-                             seconds=time.time() - start))
+                             overhead_gb=(r["peak"] - r["baseline"] - r["nbytes"]) / 1e9, seconds=time.time() - start))
     return rows
 
 
@@ -474,7 +483,8 @@ COLUMNS = dict(
     sampling=["ds", "chain", "preset", "solver", "nfe_energy", "nfe_shape", "batch", "ms_per_shower_energy",
               "ms_per_shower_shape", "ms_per_shower", "peak_mem_mb", "status"],
     training=["name", "batch", "params", "ms_per_step", "samples_per_s", "peak_mem_mb", "status"],
-    memory=["name", "n", "float32_gb", "baseline_gb", "peak_gb", "peak_over_float32", "excess_over_float32", "seconds"])
+    memory=["name", "n", "float32_gb", "baseline_gb", "peak_gb", "peak_over_float32", "excess_over_float32",
+            "overhead_gb", "seconds"])
 
 
 def table(title, rows, cols):
