@@ -320,7 +320,10 @@ def bench_energy(args, device, res):
                          ms_per_event=ms / bs, peak_mem_mb=mem))
     rows[1].update(speedup=rows[1]["ms"] / rows[0]["ms"], max_abs_diff=(u[True] - u[False]).abs().max().item())
     rows[3]["speedup"] = rows[3]["ms"] / rows[2]["ms"]
-    rows[4]["sampler_over_heads"] = rows[0]["ms"] / rows[4]["ms"]  # target: <= 1.2 (no overhead)
+    # target: <= 1.2 (no overhead beyond the network). The decoder is a fixed cost that 50 steps amortise; the
+    # ODE part alone (sampler minus decoder) against the head evaluations shows the per-step overhead.
+    rows[4].update(sampler_over_heads=rows[0]["ms"] / rows[4]["ms"],
+                   ode_over_heads=(rows[0]["ms"] - rows[2]["ms"]) / rows[4]["ms"])
     tmp.cleanup()
     return rows
 
@@ -479,7 +482,7 @@ COLUMNS = dict(
     forward=["name", "batch", "params", "precision", "ms", "ms_per_sample", "paper_ms_h100", "peak_mem_mb"],
     flops=["name", "batch", "gflop", "gflop_counted", "ms", "tflops", "fraction_of_peak"],
     energy=["name", "batch", "solver", "steps", "head_evals", "ms", "ms_per_event", "speedup", "max_abs_diff",
-            "sampler_over_heads"],
+            "sampler_over_heads", "ode_over_heads"],
     sampling=["ds", "chain", "preset", "solver", "nfe_energy", "nfe_shape", "batch", "ms_per_shower_energy",
               "ms_per_shower_shape", "ms_per_shower", "peak_mem_mb", "status"],
     training=["name", "batch", "params", "ms_per_step", "samples_per_s", "peak_mem_mb", "status"],
