@@ -19,6 +19,7 @@ Expect a classifier between sampled and true u's (features [ln E_inc, logit u]) 
 CPU run above (0.48 for two true samples; paper: about 0.51). Other scripts use `load_energy_sampler`.
 """
 import argparse
+import json
 import math
 import os
 import sys
@@ -33,10 +34,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm import tqdm
 
-from common import (N_LAYERS, DataError, Log, all_mean, autocast, count_parameters, data_files, energies_to_u,
-                    energy_condition, find_latest_run, fit_standardizer, init_distributed, inverse_logit,
-                    layer_energies, load_checkpoint, logit, make_run_dir, open_showers, pick_device, rank_share,
-                    sample_e_inc, save_checkpoint, seed_everything, solve, split_indices, standardize, unstandardize)
+from common import (N_LAYERS, NFE_PER_STEP, DataError, Log, all_mean, autocast, count_parameters, data_files,
+                    energies_to_u, energy_condition, find_latest_run, fit_standardizer, init_distributed,
+                    inverse_logit, layer_energies, load_checkpoint, logit, make_run_dir, open_showers, pick_device,
+                    rank_share, sample_e_inc, save_checkpoint, seed_everything, solve, split_indices, standardize, unstandardize)
 
 PRESETS = {  # transformer feed-forward width, head width I, layers per stack, hidden head layers
     "paper": dict(ff=1024, inner=256, layers=4, head_layers=6),  # Table 1: 1,695,297 parameters
@@ -70,8 +71,14 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", help="run folder or checkpoint (default: newest energy run of --ds)")
     p.add_argument("--n", type=int, default=100000, help="number of events (with --like: at most)")
     p.add_argument("--like", help="copy E_inc from this reference file instead of the log-uniform law")
-    p.add_argument("--solver", default="rk4", choices=["euler", "midpoint", "rk4"])
-    p.add_argument("--steps", type=int, default=50, help="ODE steps per layer")
+    p.add_argument("--solver", nargs="+", default=["rk4"], choices=["euler", "midpoint", "rk4"])
+    p.add_argument("--steps", type=int, nargs="+", default=[50], help="ODE steps per layer")
+    p.add_argument("--nfe", type=int, nargs="+", help="instead of --steps: network evaluations per layer")
+    p.add_argument("--score", action="store_true", help="with --like: classifier AUC of sampled vs true u's; "
+                   "several --solver/--steps/--nfe values make a quality-vs-steps table")
+    p.add_argument("--cls-epochs", type=int, default=30, help="--score classifier epochs")
+    p.add_argument("--cls-width", type=int, default=512, help="--score classifier width")
+    p.add_argument("--cls-repeats", type=int, default=1, help="--score: mean AUC of this many classifier seeds")
     p.add_argument("--no-cache", action="store_true", help="re-run the transformer over the prefix per layer")
     p.add_argument("--output", help="HDF5 file of u's (default: <run>/u_samples.hdf5)")
     p.add_argument("--overwrite", action="store_true")
@@ -305,7 +312,7 @@ def load_energy_sampler(path, ds, device, solver="rk4", steps=50, batch_size=100
     model.eval()
     stats, graphs = ckpt["stats"], {}
 
-    def sampler(e_inc, generator=None):
+    def sampler(e_inc, generator=None, solver=solver, steps=steps):
         e_inc = torch.as_tensor(e_inc, dtype=torch.float64).reshape(-1)
         x0 = torch.randn(len(e_inc), N_LAYERS, generator=generator)  # on the CPU: same numbers on any device
         out = []
@@ -317,6 +324,13 @@ def load_energy_sampler(path, ds, device, solver="rk4", steps=50, batch_size=100
 
     sampler.model, sampler.ckpt = model, ckpt
     return sampler
+
+
+def chain_u(ckpt, ds, e_inc, device, solver="rk4", steps=50, seed=1, progress=True):
+    """The u's that shape_vit.py / latent_vit.py --sample condition on: (float64 (N, 45), description)."""
+    sampler = load_energy_sampler(ckpt, ds, device, solver, steps, progress=progress)
+    u = sampler(e_inc, generator=torch.Generator().manual_seed(seed)).double().cpu()
+    return u, f"{ckpt or 'newest energy run'} ({solver}, {steps} steps per layer)"
 
 
 def write_u(path, e_inc, u, overwrite=False):
@@ -332,30 +346,82 @@ def write_u(path, e_inc, u, overwrite=False):
     os.replace(tmp, path)
 
 
+def u_classifier(e_gen, u_gen, e_ref, u_ref, seed=0, epochs=30, width=512, progress=True):
+    """evaluate.py's classifier between sampled and true u's on [ln E_inc, logit u], standardised by the truth."""
+    import evaluate  # only for --score
+    feats = [torch.cat([e.log()[:, None], logit(u)], 1) for e, u in ((e_gen, u_gen), (e_ref, u_ref))]
+    mu, sd = feats[1].mean(0), feats[1].std(0).clamp_min(1e-6)
+    x_gen, x_ref = (((f - mu) / sd).float().numpy() for f in feats)
+    return evaluate.classify(x_gen, x_ref, seed=seed, epochs=epochs, width=width, progress=progress, name="u classifier")
+
+
 def sample(args):
+    """Sample u's for E_inc from --like (or the log-uniform law) and write them; with --score, also the AUC
+    against the true u's of --like. Several solvers / step counts: a quality-vs-steps table (no HDF5)."""
     device = pick_device(args.device)
     ckpt_path = Path(args.ckpt) if args.ckpt else find_latest_run("energy", args.ds, args.out)
     run_dir = ckpt_path if ckpt_path.is_dir() else ckpt_path.parent
-    output = Path(args.output or run_dir / "u_samples.hdf5")
+    if args.nfe:  # equal cost across solvers: steps = NFE / (evaluations per step)
+        bad = [(m, k) for m in args.solver for k in args.nfe if k % NFE_PER_STEP[m]]
+        if bad:
+            raise ValueError(f"--nfe {bad[0][1]} is not a multiple of {bad[0][0]}'s {NFE_PER_STEP[bad[0][0]]} per step")
+    grid = [(m, k // NFE_PER_STEP[m]) for m in args.solver for k in args.nfe] if args.nfe else \
+        [(m, k) for m in args.solver for k in args.steps]
+    study = len(grid) > 1
+    if (args.score or study) and not args.like:
+        raise ValueError("--score and several solvers / steps need --like REF.hdf5 (the true u's)")
+    default = run_dir / ("u_steps_study.json" if study else "u_samples.hdf5")
+    output = Path(args.output or default)
     if output.exists() and not args.overwrite:
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
-    sampler = load_energy_sampler(ckpt_path, args.ds, device, args.solver, args.steps, args.batch_size or 10000,
+    sampler = load_energy_sampler(ckpt_path, args.ds, device, batch_size=args.batch_size or 10000,
                                   cache=not args.no_cache, progress=not args.no_progress)
-    gen = torch.Generator().manual_seed(args.seed)
+    print(f"energy run {run_dir}")
     if args.like:
-        f, n = open_showers(args.like, args.ds)
-        with f:
-            e_inc = torch.from_numpy(np.asarray(f["incident_energies"][:min(n, args.n)], np.float64).reshape(-1))
+        e_inc, u_ref = load_u([args.like], args.ds, args.n, progress=not args.no_progress)
     else:
-        e_inc = sample_e_inc(args.n, gen)
-    print(f"sampling {len(e_inc)} events on {device}: {args.solver}, {args.steps} steps, "
-          f"{'no ' if args.no_cache else ''}KV cache")
-    start = time.time()
-    u = sampler(e_inc, gen)
-    elapsed = time.time() - start
-    write_u(output, e_inc, u, args.overwrite)
-    print(f"wrote {output}: {len(u)} events in {elapsed:.1f} s ({len(u) / max(elapsed, 1e-9):.0f} events/s)")
+        e_inc = sample_e_inc(args.n, torch.Generator().manual_seed(args.seed))
+    rows = []
+    for solver, steps in grid:
+        gen = torch.Generator().manual_seed(args.seed)  # the same x0 for every solver: only the ODE error differs
+        print(f"sampling {len(e_inc)} events on {device}: {solver}, {steps} steps "
+              f"({steps * NFE_PER_STEP[solver]} NFE per layer), {'no ' if args.no_cache else ''}KV cache")
+        start = time.time()
+        u = sampler(e_inc, gen, solver=solver, steps=steps)
+        row = dict(solver=solver, steps=steps, nfe=steps * NFE_PER_STEP[solver], events=len(u),
+                   seconds=time.time() - start)
+        print(f"  {row['seconds']:.1f} s ({len(u) / max(row['seconds'], 1e-9):.0f} events/s)")
+        if args.score or study:  # K classifiers (other splits and inits): the mean beats their training noise
+            res = [u_classifier(e_inc, u, e_inc, u_ref, args.seed + k, args.cls_epochs, args.cls_width,
+                                not args.no_progress) for k in range(args.cls_repeats)]
+            aucs = [r["auc"] for r in res]
+            row.update(auc=float(np.mean(aucs)), auc_std=float(np.std(aucs)), aucs=aucs,
+                       jsd=float(np.mean([r["jsd"] for r in res])))
+            print(f"  u classifier vs {Path(args.like).name}: AUC {row['auc']:.4f} +- {row['auc_std']:.4f} "
+                  f"({len(aucs)} classifiers), JSD {row['jsd']:.4f}")
+        rows.append(row)
+    if not study:
+        write_u(output, e_inc, u, args.overwrite)
+        print(f"wrote {output}")
+        if args.score:
+            write_json(output.with_suffix(".json"), rows[0])
+        return output
+    ref = max(rows, key=lambda r: (r["solver"] == "rk4", r["nfe"]))  # the most accurate solve: RK4, most NFE
+    print(f"{'solver':>9} {'steps':>5} {'NFE':>4} {'seconds':>8} {'AUC':>7} {'- ref':>7}   (ref: {ref['solver']} "
+          f"{ref['steps']} steps)")
+    for r in rows:
+        r["auc_minus_ref"] = r["auc"] - ref["auc"]
+        print(f"{r['solver']:>9} {r['steps']:>5} {r['nfe']:>4} {r['seconds']:8.1f} {r['auc']:7.4f} "
+              f"{r['auc_minus_ref']:+7.4f}")
+    write_json(output, dict(energy_run=str(run_dir), like=str(args.like), rows=rows))
+    print(f"wrote {output}")
     return output
+
+
+def write_json(path, obj):
+    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- training

@@ -1,4 +1,5 @@
 """Tests of energy.py: parameter counts, layout, preprocessing, training, exact resume, KV-cache sampler, CLI."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -135,6 +136,24 @@ def test_sample_cli(toy_ds2, tiny_run, tmp_path):
         assert (f["incident_energies"][:] == ref["incident_energies"][:20]).all()
     with pytest.raises(FileExistsError):
         energy.main(argv)
+
+
+def test_score_and_steps_study(toy_ds2, tiny_run, tmp_path):
+    """--score: classifier AUC of sampled vs true u's; several solvers at equal NFE make a table (same x0)."""
+    like = ["--sample", "--ckpt", str(tiny_run), "--like", str(toy_ds2 / "toy_ds2_ref.hdf5"), "--n", "100",
+            "--cls-epochs", "2", "--cls-width", "16", "--cls-repeats", "2", "--no-progress"]
+    out = energy.main([*like, "--solver", "rk4", "euler", "--nfe", "4", "8", "--output", str(tmp_path / "s.json")])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["solver"], r["steps"], r["nfe"]) for r in rows] == [("rk4", 1, 4), ("rk4", 2, 8), ("euler", 4, 4),
+                                                                   ("euler", 8, 8)]
+    assert all(0 <= r["auc"] <= 1 and len(r["aucs"]) == 2 for r in rows)
+    assert rows[1]["auc_minus_ref"] == 0  # the reference: RK4 at the most NFE
+    single = energy.main([*like, "--steps", "2", "--score", "--output", str(tmp_path / "u.hdf5")])
+    assert json.loads(single.with_suffix(".json").read_text())["auc"] == rows[1]["auc"]  # same x0, same classifier
+    with pytest.raises(ValueError, match="not a multiple"):
+        energy.main([*like, "--solver", "rk4", "--nfe", "6", "--output", str(tmp_path / "x.json")])
+    with pytest.raises(ValueError, match="--like"):
+        energy.main(["--sample", "--ckpt", str(tiny_run), "--score", "--n", "10", "--output", str(tmp_path / "y")])
 
 
 def test_cli_missing_file_is_one_line_error(tmp_path):
