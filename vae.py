@@ -111,6 +111,27 @@ def add_coords(x):
     return torch.cat([x, cl.expand(b, 1, l, a, r), cr.expand(b, 1, l, a, r)], dim=1)
 
 
+class BatchNorm3d(nn.BatchNorm3d):
+    """nn.BatchNorm3d that, under torchrun, normalises with the statistics of the global batch on any device
+    (nn.SyncBatchNorm is GPU-only): 1 and N processes then train the same network. Same state dict."""
+
+    def forward(self, x):
+        if not (self.training and torch.distributed.is_initialized()):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce  # differentiable: gradients cross the ranks
+        c, dims = x.shape[1], (0, 2, 3, 4)
+        sums = all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), x.new_tensor([x.numel() / c])]))
+        n = sums[-1]
+        mean = sums[:c] / n
+        var = sums[c:2 * c] / n - mean ** 2
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+            self.num_batches_tracked += 1
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        return x * scale.view(1, c, 1, 1, 1) + (self.bias - mean * scale).view(1, c, 1, 1, 1)
+
+
 class CoordConv(nn.Module):
     """Conv3d (or ConvTranspose3d) on the input plus its two coordinate channels."""
 
@@ -126,8 +147,8 @@ class CoordConv(nn.Module):
 class DownBlock(nn.Module):
     def __init__(self, cin, cout, kernel, stride, padding, cond_dim=100):
         super().__init__()
-        self.conv1, self.bn1 = CoordConv(cin, cout, 3, padding=1), nn.BatchNorm3d(cout)
-        self.conv2, self.bn2 = CoordConv(cout, cout, 3, padding=1), nn.BatchNorm3d(cout)
+        self.conv1, self.bn1 = CoordConv(cin, cout, 3, padding=1), BatchNorm3d(cout)
+        self.conv2, self.bn2 = CoordConv(cout, cout, 3, padding=1), BatchNorm3d(cout)
         self.cond = nn.Linear(cond_dim, cout)
         self.down = CoordConv(cout, cout, kernel, stride, padding)
 
@@ -140,8 +161,8 @@ class UpBlock(nn.Module):
     def __init__(self, cin, cout, kernel, stride, padding, cond_dim=100):
         super().__init__()
         self.up = CoordConv(cin, cout, kernel, stride, padding, transpose=True)
-        self.conv1, self.bn1 = CoordConv(cout, cout, 3, padding=1, bias=False), nn.BatchNorm3d(cout)
-        self.conv2, self.bn2 = CoordConv(cout, cout, 3, padding=1, bias=False), nn.BatchNorm3d(cout)
+        self.conv1, self.bn1 = CoordConv(cout, cout, 3, padding=1, bias=False), BatchNorm3d(cout)
+        self.conv2, self.bn2 = CoordConv(cout, cout, 3, padding=1, bias=False), BatchNorm3d(cout)
         self.cond = nn.Linear(cond_dim, cout)
 
     def forward(self, x, c):
@@ -198,9 +219,11 @@ def reparameterize(mu, logvar, generator=None):
     return mu + (0.5 * logvar).exp() * torch.randn(mu.shape, generator=generator, device=mu.device)
 
 
-def vae_loss(model, frac, cond, beta, generator=None):
-    """Mean BCE over voxels + beta * KL(q(z|x) || N(0, 1)) averaged over latent elements."""
-    eps = torch.randn((frac.shape[0], *model.latent_shape), generator=generator, device=frac.device)
+def vae_loss(model, frac, cond, beta, generator=None, n_batch=None, share=slice(None)):
+    """Mean BCE over voxels + beta * KL(q(z|x) || N(0, 1)) averaged over latent elements. Under DDP, frac
+    and cond are this rank's `share` of a batch of n_batch whose noise every rank draws whole."""
+    latent = getattr(model, "module", model).latent_shape
+    eps = torch.randn((n_batch or len(frac), *latent), generator=generator, device=frac.device)[share]
     logits, mu, logvar = model(frac, cond, eps)
     bce = F.binary_cross_entropy_with_logits(logits, frac)
     kl = -0.5 * (1 + logvar - mu ** 2 - logvar.exp()).mean()
@@ -296,10 +319,10 @@ def train(args):
         ckpt = common.load_checkpoint(path, script="vae")
         args = argparse.Namespace(**{**ckpt["config"], **{k: getattr(args, k) for k in RUNTIME_FLAGS}})
         run_dir = path if path.is_dir() else path.parent
-    device = common.pick_device(args.device)
+    rank, world, device = common.init_distributed(args.device)  # torchrun: DDP, one global batch shared by ranks
     torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest 3-D convolutions
     files = args.files or [str(p) for p in common.data_files(args.ds, args.data_dir, args.toy, "train")]
-    e_inc, showers = common.load_showers(files, args.ds, args.max_showers, progress=not args.no_progress)
+    e_inc, showers = common.load_showers(files, args.ds, args.max_showers, progress=not args.no_progress and rank == 0)
     train_idx, val_idx = common.split_indices(len(e_inc), args.val_fraction, args.seed)
     if len(train_idx) < args.batch_size:
         raise ValueError(f"{len(train_idx)} training showers are fewer than one batch ({args.batch_size})")
@@ -320,12 +343,16 @@ def train(args):
         history, start, step, nonfinite = ckpt["history"], ckpt["epoch"], ckpt["step"], ckpt["nonfinite"]
         stats = ckpt["stats"]
     else:
-        run_dir = common.make_run_dir("vae", args.ds, args.out)
-    log = common.Log(run_dir)
-    net = vae
+        run_dir = [common.make_run_dir("vae", args.ds, args.out) if rank == 0 else None]
+        if world > 1:
+            torch.distributed.broadcast_object_list(run_dir)
+        run_dir = run_dir[0]
+    log = common.Log(run_dir) if rank == 0 else lambda *msg: None
+    net = vae if world == 1 else torch.nn.parallel.DistributedDataParallel(  # statistics synced by BatchNorm3d
+        vae, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     if args.compile:
         if device.type == "cuda":
-            net = torch.compile(vae)
+            net = torch.compile(net)
         else:
             print("--compile is ignored on CPU")
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
@@ -348,7 +375,7 @@ def train(args):
             for s in range(0, len(val_idx), args.batch_size):
                 idx = val_idx[s:s + args.batch_size]
                 frac, cond, _ = batch_inputs(e_inc[idx], showers[idx], args.ds, stats["cond"], device)
-                total += vae_loss(net, frac, cond, args.beta, gen)[0].item() * len(idx)
+                total += vae_loss(vae, frac, cond, args.beta, gen)[0].item() * len(idx)
         vae.train()
         return total / max(len(val_idx), 1)
 
@@ -360,12 +387,14 @@ def train(args):
         noise_gen = torch.Generator(device).manual_seed(args.seed * 100003 + epoch)
         perm = train_idx[torch.randperm(len(train_idx), generator=perm_gen).numpy()]
         t0, losses = time.time(), []
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{args.epochs}", disable=args.no_progress, leave=False)
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{args.epochs}", disable=args.no_progress or rank > 0,
+                   leave=False)
         for b in bar:
             idx = np.sort(perm[b * args.batch_size:(b + 1) * args.batch_size])
-            frac, cond, _ = batch_inputs(e_inc[idx], showers[idx], args.ds, stats["cond"], device)
-            loss, _ = vae_loss(net, frac, cond, args.beta, noise_gen)
-            if not torch.isfinite(loss):
+            share, weight = common.rank_share(len(idx), rank, world)  # (all of it, 1) in a plain run
+            frac, cond, _ = batch_inputs(e_inc[idx[share]], showers[idx[share]], args.ds, stats["cond"], device)
+            loss = weight * vae_loss(net, frac, cond, args.beta, noise_gen, len(idx), share)[0]
+            if common.all_mean(float(torch.isfinite(loss)), device) < 1:  # all ranks skip together
                 nonfinite, in_a_row = nonfinite + 1, in_a_row + 1
                 sched.step()
                 if in_a_row >= 20:
@@ -380,14 +409,16 @@ def train(args):
             step += 1
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.5f}")
-        history["train_loss"].append(float(np.mean(losses)) if losses else float("nan"))
-        vl = val_loss() if (epoch % args.val_every == 0 or epoch == stop) and len(val_idx) else None
+        history["train_loss"].append(common.all_mean(float(np.mean(losses)) if losses else float("nan"), device))
+        vl = val_loss() if rank == 0 and (epoch % args.val_every == 0 or epoch == stop) and len(val_idx) else None
         history["val_loss"].append(vl)
         log(f"epoch {epoch} | train loss {history['train_loss'][-1]:.6f} | val loss "
             f"{'-' if vl is None else f'{vl:.6f}'} | lr {sched.get_last_lr()[0]:.2e} | "
             f"{steps_per_epoch * args.batch_size / (time.time() - t0):.0f} samples/s")
-        if epoch % args.ckpt_every == 0 and epoch != stop:
+        if rank == 0 and epoch % args.ckpt_every == 0 and epoch != stop:
             save(epoch)
+    if rank > 0:
+        return run_dir
     # the normalised cut that restores the data's sparsity, on (at most 2000) validation showers
     vae.eval()
     cal = val_idx[:2000] if len(val_idx) else train_idx[:2000]
@@ -425,7 +456,12 @@ def reconstruct(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    return reconstruct(args) if args.reconstruct else train(args)
+    if args.reconstruct:
+        return reconstruct(args)
+    run_dir = train(args)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return run_dir
 
 
 if __name__ == "__main__":
