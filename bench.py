@@ -449,7 +449,7 @@ base = peak_rss()
 e_inc, showers = common.load_showers([sys.argv[1]], 3, progress=False)
 if sys.argv[2] == "shape_vit":  # what shape_vit.train does next: statistics of the training split
     idx, _ = common.split_indices(len(showers), 0.1, 0)
-    common.fit_shape_stats(e_inc[idx], showers[idx], 3)
+    common.fit_shape_stats(e_inc, showers, 3, idx)
 print(json.dumps(dict(baseline=base, peak=peak_rss(), nbytes=showers.nbytes + e_inc.nbytes)))
 """
 

@@ -207,6 +207,38 @@ class ShowerWriter:
         return False
 
 
+def shard_writer(output, n, ds, rank=0, world=1, overwrite=False):
+    """Sampling under torchrun: (this rank's slice of the n showers, a ShowerWriter for it). A plain run
+    writes `output` itself; rank r of N writes the hidden part .<output>.part<r>of<N> (see merge_shards)."""
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
+    if n < world:
+        raise ValueError(f"{n} showers cannot be shared by {world} ranks")
+    share = rank_share(n, rank, world)[0]
+    part = output if world == 1 else output.with_name(f".{output.name}.part{rank}of{world}")
+    return share, ShowerWriter(part, share.stop - share.start, ds, overwrite=True)
+
+
+def merge_shards(output, n, ds, overwrite=False, chunk=1000):
+    """After every rank wrote its part, rank 0 joins them in rank order into one CaloChallenge file (no
+    shower lost or repeated) and deletes them. Nothing to do in a plain run."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    output, rank, world = Path(output), torch.distributed.get_rank(), torch.distributed.get_world_size()
+    torch.distributed.barrier()
+    if rank == 0:
+        parts = [output.with_name(f".{output.name}.part{r}of{world}") for r in range(world)]
+        with ShowerWriter(output, n, ds, overwrite=overwrite) as w:
+            for part in parts:
+                with h5py.File(part, "r") as f:
+                    for s in range(0, len(f["showers"]), chunk):
+                        w.write(f["incident_energies"][s:s + chunk], f["showers"][s:s + chunk])
+        for part in parts:
+            part.unlink()
+    torch.distributed.barrier()
+
+
 def write_showers(path, e_inc, showers, ds, overwrite=False):
     """Write a whole sample at once (small files); see ShowerWriter for streaming."""
     with ShowerWriter(path, len(e_inc), ds, overwrite=overwrite) as w:
@@ -313,23 +345,24 @@ def fractions_to_logit(frac, noise=True, generator=None):
     return logit(frac)
 
 
-def fit_shape_stats(e_inc, showers, ds, chunk=2000, seed=0):
-    """Preprocessing statistics of the shape networks from the training split only.
+def fit_shape_stats(e_inc, showers, ds, idx=None, chunk=2000, seed=0):
+    """Preprocessing statistics of the shape networks from the rows idx (the training split; default all).
 
-    vox: per-voxel mean/std of the dequantised logit fractions (accumulated chunk by chunk, so DS3
-    needs no second copy of the data); cond: mean/std of the 45 u features."""
+    vox: per-voxel mean/std of the dequantised logit fractions; cond: mean/std of the 45 u features.
+    The rows are read chunk by chunk: DS3 (16 GB in float32) needs no second copy of the data."""
+    idx = np.arange(len(showers)) if idx is None else np.asarray(idx)
     gen = torch.Generator().manual_seed(seed)
     s1 = s2 = 0.0
-    n = len(showers)
-    for i in range(0, n, chunk):
-        frac, _ = voxel_fractions(torch.as_tensor(showers[i:i + chunk]), ds)
+    u = []
+    for i in range(0, len(idx), chunk):
+        x = torch.as_tensor(showers[idx[i:i + chunk]])
+        frac, _ = voxel_fractions(x, ds)
         z = fractions_to_logit(frac, generator=gen).double()
         s1, s2 = s1 + z.sum(0), s2 + (z * z).sum(0)
-    mean = s1 / n
-    std = (s2 / n - mean ** 2).clamp(min=0).sqrt().clamp(min=1e-6)
-    u = energies_to_u(torch.as_tensor(e_inc), layer_energies(torch.as_tensor(showers), ds))
-    return {"vox": {"mean": mean.float(), "std": std.float()},
-            "cond": fit_standardizer(u_features(u))}
+        u.append(energies_to_u(torch.as_tensor(e_inc[idx[i:i + chunk]]), layer_energies(x, ds)))
+    mean = s1 / len(idx)
+    std = (s2 / len(idx) - mean ** 2).clamp(min=0).sqrt().clamp(min=1e-6)
+    return {"vox": {"mean": mean.float(), "std": std.float()}, "cond": fit_standardizer(u_features(torch.cat(u)))}
 
 
 def showers_to_net(showers, ds, stats, noise=True, generator=None):

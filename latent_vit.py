@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 import common
 import vae as vae_lib
-from shape_vit import reference_condition, velocity_fn
+from shape_vit import sampling_setup, sampling_u, velocity_fn
 
 SCRIPT = "latent_vit"
 # Paper Table 2 ('paper') and a reduced setting for 2 CPU cores ('small'). The grid comes from the VAE.
@@ -89,6 +89,9 @@ def parse_args(argv=None):
     p.add_argument("--solver", default="rk4", choices=sorted(common.NFE_PER_STEP) + ["bespoke"],
                    help="'bespoke': the trained solver of --bespoke-ckpt (its own step count)")
     p.add_argument("--bespoke-ckpt", help="bespoke.py run folder or checkpoint for --solver bespoke")
+    p.add_argument("--energy-solver", default="rk4", choices=sorted(common.NFE_PER_STEP), help="for the u's")
+    p.add_argument("--energy-steps", type=int, default=50,
+                   help="energy ODE steps per layer (paper: RK4 50; README: the fast setting)")
     p.add_argument("--steps", type=int, default=20, help="ODE steps (paper: RK4, 20)")
     p.add_argument("--cut", type=float, help="normalised cut on voxel fractions (default: the VAE's calibrated)")
     p.add_argument("--output", help="generated file (default: <run>/gen_ds{ds}_<n>.hdf5)")
@@ -202,8 +205,8 @@ def train(args):
     log = common.Log(run_dir) if rank == 0 else lambda *msg: None
     train_idx, val_idx = common.split_indices(len(showers), args.val_fraction, args.seed)
     if ckpt is None:  # statistics of the training split only
-        u = common.energies_to_u(torch.from_numpy(e_inc[train_idx]),
-                                 common.layer_energies(torch.from_numpy(showers[train_idx]), args.ds))
+        u = common.energies_to_u(torch.from_numpy(e_inc[train_idx]),  # layer sums first: no copy of the showers
+                                 common.layer_energies(torch.from_numpy(showers), args.ds)[train_idx])
         stats = {"cond": common.fit_standardizer(common.u_features(u)),
                  "latent": fit_latent_stats(vae, vae_stats, showers, e_inc, train_idx[:LATENT_STATS_SHOWERS],
                                             args.ds, device)}
@@ -321,57 +324,39 @@ def generate_showers(model, vae, stats, vae_stats, e_inc, u, ds, cut, solver="rk
 
 
 def sample(args):
-    device = common.pick_device(args.device)
+    """As shape_vit.sample, with laViT + the VAE decoder (torchrun: every rank its share, one file)."""
+    rank, world, device = common.init_distributed(args.device)
     path = Path(args.ckpt) if args.ckpt else common.find_latest_run(SCRIPT, args.ds, args.out)
     model, vae, ckpt = load_latent(path, args.ds, device)
     stats, vae_stats = to_device(ckpt["stats"], device), to_device(ckpt["vae"]["stats"], device)
     cut = args.cut if args.cut is not None else (ckpt["vae"].get("cut") or vae_lib.DEFAULT_CUT)
-    truth = args.energy_ckpt == "truth"
-    if args.like:
-        e_inc, u = reference_condition(args.like, args.ds, args.n, with_u=truth)
-    elif truth:
-        raise ValueError("--energy-ckpt truth takes the u's of the reference: pass --like REF.hdf5")
-    elif args.n is None:
-        raise ValueError("pass --n N (showers with log-uniform E_inc) or --like REF.hdf5")
-    else:
-        e_inc = common.sample_e_inc(args.n, generator=torch.Generator().manual_seed(args.seed))
-    n, batch_size = len(e_inc), args.batch_size or 1000
-    solve_fn, nfe = None, args.steps * common.NFE_PER_STEP.get(args.solver, 0)
-    if args.solver == "bespoke":
-        if not args.bespoke_ckpt:
-            raise ValueError("--solver bespoke needs --bespoke-ckpt RUN_OR_CKPT (a bespoke.py run)")
-        import bespoke  # lazily: bespoke.py imports shape_vit
-        solver = bespoke.load_bespoke(args.bespoke_ckpt, args.ds)
-        solve_fn, args.steps, nfe = bespoke.bespoke_solve_fn(solver), solver.n, solver.n
     run_dir = path if path.is_dir() else path.parent
-    output = Path(args.output) if args.output else run_dir / f"gen_ds{args.ds}_{n}.hdf5"
-    writer = common.ShowerWriter(output, n, args.ds, overwrite=args.overwrite)  # refuses an existing file now
+    setup = sampling_setup(args, run_dir, rank, world)
+    e_inc, n, batch_size, output, nfe = setup.e_inc, setup.n, args.batch_size or 1000, setup.output, setup.nfe
     print(f"device {device}; {n} showers; laViT {path} ({sum(p.numel() for p in model.parameters()):,} "
           f"parameters, epoch {ckpt['epoch']}); VAE {ckpt['vae']['path']} (epoch {ckpt['vae']['epoch']}); "
           f"{args.solver} {args.steps} steps; normalised cut {cut:.2e}")
 
-    common.seed_everything(args.seed)
+    common.seed_everything(setup.seed)
     t0 = time.time()
-    if truth:
-        energy_desc = f"truth (u's of {args.like})"
-    else:
-        from energy import load_energy_sampler  # lazily: laViT + VAE alone need no energy network
-        u = load_energy_sampler(args.energy_ckpt, args.ds, device)(e_inc).double().cpu()
-        energy_desc = str(args.energy_ckpt or "newest energy run")
+    u, energy_desc = sampling_u(args, setup, device, rank)
     t_energy = time.time() - t0
-    gen = torch.Generator(device).manual_seed(args.seed)
+    gen = torch.Generator(device).manual_seed(setup.seed)
     t_shape = 0.0
-    with writer, tqdm(total=n, desc="sampling", unit="shower", disable=args.no_progress) as bar:
+    with setup.writer, tqdm(total=n, desc="sampling", unit="shower", disable=args.no_progress or rank > 0) as bar:
         for s in range(0, n, batch_size):
             t1 = time.time()
             x = generate_showers(model, vae, stats, vae_stats, e_inc[s:s + batch_size], u[s:s + batch_size],
                                  args.ds, cut, args.solver, args.steps, batch_size, generator=gen,
-                                 solve_fn=solve_fn)
+                                 solve_fn=setup.solve_fn)
             t_shape += time.time() - t1  # .cpu() inside synchronises
-            writer.write(e_inc[s:s + batch_size], x)
+            setup.writer.write(e_inc[s:s + batch_size], x)
             bar.update(len(x))
+    common.merge_shards(output, setup.n_all, args.ds, args.overwrite)
     total = time.time() - t0
-    info = {"file": str(output), "ds": args.ds, "n": n, "solver": args.solver, "steps": args.steps,
+    if rank > 0:
+        return output
+    info = {"file": str(output), "ds": args.ds, "n": setup.n_all, "ranks": world, "solver": args.solver, "steps": args.steps,
             "nfe": nfe, "batch_size": batch_size, "seed": args.seed, "device": str(device), "cut": cut,
             "bespoke_ckpt": args.bespoke_ckpt, "latent_ckpt": str(path), "latent_epoch": ckpt["epoch"],
             "vae_ckpt": ckpt["vae"]["path"],
@@ -385,9 +370,7 @@ def sample(args):
 
 def main(argv=None):
     args = resolve(parse_args(argv))
-    if args.sample:
-        return sample(args)
-    run_dir = train(args)
+    run_dir = sample(args) if args.sample else train(args)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return run_dir

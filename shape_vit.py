@@ -80,6 +80,9 @@ def parse_args(argv=None):
     p.add_argument("--solver", default="rk4", choices=sorted(common.NFE_PER_STEP) + ["bespoke"],
                    help="'bespoke': the trained solver of --bespoke-ckpt (its own step count)")
     p.add_argument("--bespoke-ckpt", help="bespoke.py run folder or checkpoint for --solver bespoke")
+    p.add_argument("--energy-solver", default="rk4", choices=sorted(common.NFE_PER_STEP), help="for the u's")
+    p.add_argument("--energy-steps", type=int, default=50,
+                   help="energy ODE steps per layer (paper: RK4 50; README: the fast setting)")
     p.add_argument("--steps", type=int, default=20, help="ODE steps (paper: RK4, 20)")
     p.add_argument("--output", help="generated file (default: <shape run>/gen_ds{ds}_<n>.hdf5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
@@ -191,7 +194,7 @@ def train(args):
         raise
     train_idx, val_idx = common.split_indices(len(showers), args.val_fraction, args.seed)
     if ckpt is None:  # statistics of the training split only (a transient copy of its rows)
-        stats = common.fit_shape_stats(e_inc[train_idx], showers[train_idx], args.ds, seed=args.seed)
+        stats = common.fit_shape_stats(e_inc, showers, args.ds, train_idx, seed=args.seed)
     else:
         stats = ckpt["stats"]
     stats_dev = to_device(stats, device)
@@ -311,11 +314,11 @@ def reference_condition(path, ds, n, with_u, chunk=2000):
     return e_inc, common.energies_to_u(e_inc, layer_e)
 
 
-def sample(args):
-    device = common.pick_device(args.device)
-    shape_path = Path(args.ckpt) if args.ckpt else common.find_latest_run(SCRIPT, args.ds, args.out)
-    model, ckpt = load_shape(shape_path, args.ds, device)
-    stats = to_device(ckpt["stats"], device)
+def sampling_setup(args, run_dir, rank=0, world=1):
+    """What shape_vit.py and latent_vit.py --sample share: E_inc (the first --n of --like, or log-uniform),
+    the bespoke solver hook, and this rank's share of the output (all of it in a plain run).
+    Returns a namespace: e_inc, u (true u's of --like with --energy-ckpt truth, else None) of the share,
+    n_all, n, output, writer, seed (per rank), solve_fn, nfe."""
     truth = args.energy_ckpt == "truth"
     if args.like:
         e_inc, u = reference_condition(args.like, args.ds, args.n, with_u=truth)
@@ -324,8 +327,7 @@ def sample(args):
     elif args.n is None:
         raise ValueError("pass --n N (showers with log-uniform E_inc) or --like REF.hdf5")
     else:
-        e_inc = common.sample_e_inc(args.n, generator=torch.Generator().manual_seed(args.seed))
-    n, batch_size = len(e_inc), args.batch_size or 1000
+        e_inc, u = common.sample_e_inc(args.n, generator=torch.Generator().manual_seed(args.seed)), None
     solve_fn, nfe = None, args.steps * common.NFE_PER_STEP.get(args.solver, 0)
     if args.solver == "bespoke":
         if not args.bespoke_ckpt:
@@ -333,36 +335,57 @@ def sample(args):
         import bespoke  # lazily: bespoke.py imports this script
         solver = bespoke.load_bespoke(args.bespoke_ckpt, args.ds)
         solve_fn, args.steps, nfe = bespoke.bespoke_solve_fn(solver), solver.n, solver.n
+    output = Path(args.output) if args.output else run_dir / f"gen_ds{args.ds}_{len(e_inc)}.hdf5"
+    share, writer = common.shard_writer(output, len(e_inc), args.ds, rank, world, args.overwrite)  # refuses now
+    return argparse.Namespace(e_inc=e_inc[share], u=None if u is None else u[share], n_all=len(e_inc),
+                              n=share.stop - share.start, output=output, writer=writer, solve_fn=solve_fn, nfe=nfe,
+                              seed=args.seed + 7919 * rank)  # rank 0 (and a plain run): the given seed
+
+
+def sampling_u(args, setup, device, rank=0):
+    """The u's of the share: the reference's (--energy-ckpt truth) or the energy network's. -> (u, description)"""
+    if args.energy_ckpt == "truth":
+        return setup.u, f"truth (u's of {args.like})"
+    from energy import chain_u  # lazily: the shape network alone needs no energy network
+    return chain_u(args.energy_ckpt, args.ds, setup.e_inc, device, args.energy_solver, args.energy_steps,
+                   setup.seed + 1, progress=not args.no_progress and rank == 0)
+
+
+def sample(args):
+    """Generate showers for E_inc from --like (or log-uniform), u's from the energy network (or the truth).
+    Under torchrun every rank generates its share (its own seeds) and rank 0 joins the parts in order."""
+    rank, world, device = common.init_distributed(args.device)
+    shape_path = Path(args.ckpt) if args.ckpt else common.find_latest_run(SCRIPT, args.ds, args.out)
+    model, ckpt = load_shape(shape_path, args.ds, device)
+    stats = to_device(ckpt["stats"], device)
     run_dir = shape_path if shape_path.is_dir() else shape_path.parent
-    output = Path(args.output) if args.output else run_dir / f"gen_ds{args.ds}_{n}.hdf5"
-    writer = common.ShowerWriter(output, n, args.ds, overwrite=args.overwrite)  # refuses an existing file now
+    setup = sampling_setup(args, run_dir, rank, world)
+    e_inc, n, batch_size, output = setup.e_inc, setup.n, args.batch_size or 1000, setup.output
     print(f"device {device}; {n} showers; shape network {shape_path} "
           f"({common.count_parameters(model):,} parameters, epoch {ckpt['epoch']}); "
           f"{args.solver} {args.steps} steps")
 
-    common.seed_everything(args.seed)
+    common.seed_everything(setup.seed)
     t0 = time.time()
-    if truth:
-        energy_desc = f"truth (u's of {args.like})"
-    else:
-        from energy import load_energy_sampler  # lazily: the shape network alone needs no energy network
-        sampler = load_energy_sampler(args.energy_ckpt, args.ds, device, progress=not args.no_progress)
-        u = sampler(e_inc, generator=torch.Generator().manual_seed(args.seed + 1)).double().cpu()
-        energy_desc = str(args.energy_ckpt or "newest energy run")
+    u, energy_desc = sampling_u(args, setup, device, rank)
     t_energy = time.time() - t0
-    gen = torch.Generator(device).manual_seed(args.seed)
+    gen = torch.Generator(device).manual_seed(setup.seed)
     t_shape = 0.0
-    with writer, tqdm(total=n, desc="sampling", unit="shower", disable=args.no_progress) as bar:
+    with setup.writer, tqdm(total=n, desc="sampling", unit="shower", disable=args.no_progress or rank > 0) as bar:
         for s in range(0, n, batch_size):
             t1 = time.time()
             x = generate_showers(model, stats, e_inc[s:s + batch_size], u[s:s + batch_size], args.ds,
-                                 args.solver, args.steps, batch_size, generator=gen, solve_fn=solve_fn)
+                                 args.solver, args.steps, batch_size, generator=gen, solve_fn=setup.solve_fn)
             t_shape += time.time() - t1  # .cpu() inside synchronises
-            writer.write(e_inc[s:s + batch_size], x)
+            setup.writer.write(e_inc[s:s + batch_size], x)
             bar.update(len(x))
+    common.merge_shards(output, setup.n_all, args.ds, args.overwrite)
     total = time.time() - t0
-    info = {"file": str(output), "ds": args.ds, "n": n, "solver": args.solver, "steps": args.steps,
-            "nfe": nfe, "batch_size": batch_size, "seed": args.seed, "device": str(device),
+    if rank > 0:
+        return output
+    nfe = setup.nfe
+    info = {"file": str(output), "ds": args.ds, "n": setup.n_all, "ranks": world, "solver": args.solver,
+            "steps": args.steps, "nfe": nfe, "batch_size": batch_size, "seed": args.seed, "device": str(device),
             "bespoke_ckpt": args.bespoke_ckpt, "shape_ckpt": str(shape_path), "shape_epoch": ckpt["epoch"],
             "energy": energy_desc,
             "like": args.like, "seconds_energy": t_energy, "seconds_shape": t_shape, "seconds_total": total,
@@ -375,9 +398,7 @@ def sample(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.sample:
-        return sample(args)
-    run_dir = train(resolve(args))
+    run_dir = sample(args) if args.sample else train(resolve(args))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return run_dir

@@ -113,19 +113,18 @@ def test_train_and_sample_end_to_end(data, run):
 def test_sampling_through_the_energy_network(data, run, monkeypatch):
     calls = []
 
-    def load_energy_sampler(path, ds, device, **kw):
-        def sampler(e_inc, generator=None):
-            calls.append(len(e_inc))
-            u = torch.rand(len(e_inc), 45, generator=generator, dtype=torch.float64)
-            u[:, 0] = 0.3
-            return u
-        return sampler
+    def chain_u(path, ds, e_inc, device, solver, steps, seed, progress=True):
+        calls.append((path, len(e_inc), solver, steps))
+        u = torch.rand(len(e_inc), 45, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        u[:, 0] = 0.3
+        return u, "fake"
 
-    monkeypatch.setitem(sys.modules, "energy", types.SimpleNamespace(load_energy_sampler=load_energy_sampler))
+    monkeypatch.setitem(sys.modules, "energy", types.SimpleNamespace(chain_u=chain_u))
     out = shape_vit.main(["--sample", "--ckpt", str(run), "--energy-ckpt", "fake", "--n", "7", "--solver", "euler",
-                          "--steps", "2", "--no-progress", "--output", str(data / "gen_energy.hdf5")])
+                          "--steps", "2", "--energy-solver", "midpoint", "--energy-steps", "3", "--no-progress",
+                          "--output", str(data / "gen_energy.hdf5")])
     e_inc, showers = common.load_showers(out, 2, progress=False)
-    assert calls == [7] and showers.shape == (7, 6480)
+    assert calls == [("fake", 7, "midpoint", 3)] and showers.shape == (7, 6480)
     assert json.loads(Path(f"{out}.json").read_text())["batch_size"] == 1000  # not the training batch
     assert ((e_inc >= common.E_MIN) & (e_inc <= common.E_MAX)).all()
     lost = 0.3 / common.U0_SCALE * e_inc - showers.sum(1)  # E_tot from u_0, less the threshold cut
