@@ -456,9 +456,7 @@ def reconstruct(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.reconstruct:
-        return reconstruct(args)
-    run_dir = train(args)
+    run_dir = reconstruct(args) if args.reconstruct else train(args)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return run_dir
