@@ -132,17 +132,18 @@ class Chain:
 
 def main(argv=None):
     args = parse_args(argv)
-    chain, ds, runs = Chain(args), args.ds, None
-    runs = chain.dir / "runs"
-    args.data_dir = args.data_dir or ("data" if args.real else str(chain.dir / "data"))
-    data_flags = ["--data-dir", args.data_dir] + ([] if args.real else ["--toy"])
-    if args.real:
+    ds = args.ds
+    if args.real:  # before anything is created
         import common
-        ref = common.data_files(ds, args.data_dir, split="ref")
+        ref = common.data_files(ds, args.data_dir or "data", split="ref")
         for f in ref:
             if not f.exists():
                 sys.exit(f"error: {f} not found: get the real files with `python data.py download --ds {ds}`")
-    else:
+    chain = Chain(args)
+    runs = chain.dir / "runs"
+    args.data_dir = args.data_dir or ("data" if args.real else str(chain.dir / "data"))
+    data_flags = ["--data-dir", args.data_dir] + ([] if args.real else ["--toy"])
+    if not args.real:
         ref = [Path(args.data_dir) / f"toy_ds{ds}_ref.hdf5"]
         chain.run("data", ["data.py", "toy", "--ds", ds, "--out", args.data_dir, "--seed", args.seed, "--overwrite"]
                   + chain.flags("data"), ref[0])
