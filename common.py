@@ -122,8 +122,9 @@ def open_showers(path, ds):
     return f, n
 
 
-def load_showers(paths, ds, max_showers=None, chunk=5000, progress=True):
-    """Read CaloChallenge files as float32, chunk by chunk (never a float64 copy of the whole file).
+def load_showers(paths, ds, max_showers=None, chunk=None, progress=True):
+    """Read CaloChallenge files as float32, chunk by chunk (never a float64 copy of the whole file; a chunk
+    is at most 64 MB of float64, so the peak RSS is the float32 array plus a fixed ~0.2 GB).
 
     Returns e_inc (N,) and showers (N, n_vox), both float32 MeV; several files are concatenated."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
@@ -132,6 +133,7 @@ def load_showers(paths, ds, max_showers=None, chunk=5000, progress=True):
     total = sum(sizes) if max_showers is None else min(sum(sizes), max_showers)
     e_inc = np.empty(total, dtype=np.float32)
     showers = np.empty((total, geometry(ds).n_vox), dtype=np.float32)
+    chunk = chunk or max(1, min(5000, 2 ** 26 // (8 * geometry(ds).n_vox)))  # DS2: 1294 rows, DS3: 207
     bar = tqdm(total=total, desc="loading showers", unit="shower", disable=not progress, leave=False)
     done = 0
     try:
@@ -345,12 +347,13 @@ def fractions_to_logit(frac, noise=True, generator=None):
     return logit(frac)
 
 
-def fit_shape_stats(e_inc, showers, ds, idx=None, chunk=2000, seed=0):
+def fit_shape_stats(e_inc, showers, ds, idx=None, chunk=None, seed=0):
     """Preprocessing statistics of the shape networks from the rows idx (the training split; default all).
 
     vox: per-voxel mean/std of the dequantised logit fractions; cond: mean/std of the 45 u features.
     The rows are read chunk by chunk: DS3 (16 GB in float32) needs no second copy of the data."""
     idx = np.arange(len(showers)) if idx is None else np.asarray(idx)
+    chunk = chunk or max(1, 2 ** 24 // geometry(ds).n_vox)  # 16M voxels: ~0.5 GB of transients (DS3: 414 rows)
     gen = torch.Generator().manual_seed(seed)
     s1 = s2 = 0.0
     u = []

@@ -84,7 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", help="latent_vit run folder or checkpoint (default: newest run of --ds)")
     p.add_argument("--energy-ckpt", help="energy run folder or checkpoint (default: newest); 'truth' takes "
                                          "the u's of the --like file (evaluates laViT + VAE alone)")
-    p.add_argument("--n", type=int, help="number of showers (default: as many as --like)")
+    p.add_argument("--n", "--showers", type=int, help="number of showers (default: as many as --like); under "
+                   "torchrun write --showers (torchrun takes --n for its own --nnodes / --nproc-per-node)")
     p.add_argument("--like", help="reference file whose E_inc are copied (same law and count)")
     p.add_argument("--solver", default="rk4", choices=sorted(common.NFE_PER_STEP) + ["bespoke"],
                    help="'bespoke': the trained solver of --bespoke-ckpt (its own step count)")
