@@ -209,38 +209,6 @@ class ShowerWriter:
         return False
 
 
-def shard_writer(output, n, ds, rank=0, world=1, overwrite=False):
-    """Sampling under torchrun: (this rank's slice of the n showers, a ShowerWriter for it). A plain run
-    writes `output` itself; rank r of N writes the hidden part .<output>.part<r>of<N> (see merge_shards)."""
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
-    if n < world:
-        raise ValueError(f"{n} showers cannot be shared by {world} ranks")
-    share = rank_share(n, rank, world)[0]
-    part = output if world == 1 else output.with_name(f".{output.name}.part{rank}of{world}")
-    return share, ShowerWriter(part, share.stop - share.start, ds, overwrite=True)
-
-
-def merge_shards(output, n, ds, overwrite=False, chunk=1000):
-    """After every rank wrote its part, rank 0 joins them in rank order into one CaloChallenge file (no
-    shower lost or repeated) and deletes them. Nothing to do in a plain run."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    output, rank, world = Path(output), torch.distributed.get_rank(), torch.distributed.get_world_size()
-    torch.distributed.barrier()
-    if rank == 0:
-        parts = [output.with_name(f".{output.name}.part{r}of{world}") for r in range(world)]
-        with ShowerWriter(output, n, ds, overwrite=overwrite) as w:
-            for part in parts:
-                with h5py.File(part, "r") as f:
-                    for s in range(0, len(f["showers"]), chunk):
-                        w.write(f["incident_energies"][s:s + chunk], f["showers"][s:s + chunk])
-        for part in parts:
-            part.unlink()
-    torch.distributed.barrier()
-
-
 def write_showers(path, e_inc, showers, ds, overwrite=False):
     """Write a whole sample at once (small files); see ShowerWriter for streaming."""
     with ShowerWriter(path, len(e_inc), ds, overwrite=overwrite) as w:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 import common
 import vae as vae_lib
-from shape_vit import sampling_setup, sampling_u, velocity_fn
+from shape_vit import merge_shards, sampling_setup, sampling_u, velocity_fn
 
 SCRIPT = "latent_vit"
 # Paper Table 2 ('paper') and a reduced setting for 2 CPU cores ('small'). The grid comes from the VAE.
@@ -353,7 +353,7 @@ def sample(args):
             t_shape += time.time() - t1  # .cpu() inside synchronises
             setup.writer.write(e_inc[s:s + batch_size], x)
             bar.update(len(x))
-    common.merge_shards(output, setup.n_all, args.ds, args.overwrite)
+    merge_shards(output, setup.n_all, args.ds, args.overwrite)
     total = time.time() - t0
     if rank > 0:
         return output

@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -315,6 +316,38 @@ def reference_condition(path, ds, n, with_u, chunk=2000):
     return e_inc, common.energies_to_u(e_inc, layer_e)
 
 
+def shard_writer(output, n, ds, rank=0, world=1, overwrite=False):
+    """Sampling under torchrun: (this rank's slice of the n showers, a ShowerWriter for it). A plain run
+    writes `output` itself; rank r of N writes the hidden part .<output>.part<r>of<N> (see merge_shards)."""
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
+    if n < world:
+        raise ValueError(f"{n} showers cannot be shared by {world} ranks")
+    share = common.rank_share(n, rank, world)[0]
+    part = output if world == 1 else output.with_name(f".{output.name}.part{rank}of{world}")
+    return share, common.ShowerWriter(part, share.stop - share.start, ds, overwrite=True)
+
+
+def merge_shards(output, n, ds, overwrite=False, chunk=1000):
+    """After every rank wrote its part, rank 0 joins them in rank order into one CaloChallenge file (no
+    shower lost or repeated) and deletes them. Nothing to do in a plain run."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    output, rank, world = Path(output), torch.distributed.get_rank(), torch.distributed.get_world_size()
+    torch.distributed.barrier()
+    if rank == 0:
+        parts = [output.with_name(f".{output.name}.part{r}of{world}") for r in range(world)]
+        with common.ShowerWriter(output, n, ds, overwrite=overwrite) as w:
+            for part in parts:
+                with h5py.File(part, "r") as f:
+                    for s in range(0, len(f["showers"]), chunk):
+                        w.write(f["incident_energies"][s:s + chunk], f["showers"][s:s + chunk])
+        for part in parts:
+            part.unlink()
+    torch.distributed.barrier()
+
+
 def sampling_setup(args, run_dir, rank=0, world=1):
     """What shape_vit.py and latent_vit.py --sample share: E_inc (the first --n of --like, or log-uniform),
     the bespoke solver hook, and this rank's share of the output (all of it in a plain run).
@@ -337,7 +370,7 @@ def sampling_setup(args, run_dir, rank=0, world=1):
         solver = bespoke.load_bespoke(args.bespoke_ckpt, args.ds)
         solve_fn, args.steps, nfe = bespoke.bespoke_solve_fn(solver), solver.n, solver.n
     output = Path(args.output) if args.output else run_dir / f"gen_ds{args.ds}_{len(e_inc)}.hdf5"
-    share, writer = common.shard_writer(output, len(e_inc), args.ds, rank, world, args.overwrite)  # refuses now
+    share, writer = shard_writer(output, len(e_inc), args.ds, rank, world, args.overwrite)  # refuses now
     return argparse.Namespace(e_inc=e_inc[share], u=None if u is None else u[share], n_all=len(e_inc),
                               n=share.stop - share.start, output=output, writer=writer, solve_fn=solve_fn, nfe=nfe,
                               seed=args.seed + 7919 * rank)  # rank 0 (and a plain run): the given seed
@@ -380,7 +413,7 @@ def sample(args):
             t_shape += time.time() - t1  # .cpu() inside synchronises
             setup.writer.write(e_inc[s:s + batch_size], x)
             bar.update(len(x))
-    common.merge_shards(output, setup.n_all, args.ds, args.overwrite)
+    merge_shards(output, setup.n_all, args.ds, args.overwrite)
     total = time.time() - t0
     if rank > 0:
         return output
