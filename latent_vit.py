@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 import common
 import vae as vae_lib
-from shape_vit import merge_shards, sampling_setup, sampling_u, velocity_fn
+from shape_vit import add_sampling_args, merge_shards, sampling_setup, sampling_u, velocity_fn
 
 SCRIPT = "latent_vit"
 # Paper Table 2 ('paper') and a reduced setting for 2 CPU cores ('small'). The grid comes from the VAE.
@@ -79,24 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", nargs="?", const="latest", help="continue RUN_DIR or CKPT (default: newest)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (CUDA only)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
-    # sampling
-    p.add_argument("--sample", action="store_true", help="generate showers instead of training")
-    p.add_argument("--ckpt", help="latent_vit run folder or checkpoint (default: newest run of --ds)")
-    p.add_argument("--energy-ckpt", help="energy run folder or checkpoint (default: newest); 'truth' takes "
-                                         "the u's of the --like file (evaluates laViT + VAE alone)")
-    p.add_argument("--n", "--showers", type=int, help="number of showers (default: as many as --like); under "
-                   "torchrun write --showers (torchrun takes --n for its own --nnodes / --nproc-per-node)")
-    p.add_argument("--like", help="reference file whose E_inc are copied (same law and count)")
-    p.add_argument("--solver", default="rk4", choices=sorted(common.NFE_PER_STEP) + ["bespoke"],
-                   help="'bespoke': the trained solver of --bespoke-ckpt (its own step count)")
-    p.add_argument("--bespoke-ckpt", help="bespoke.py run folder or checkpoint for --solver bespoke")
-    p.add_argument("--energy-solver", default="rk4", choices=sorted(common.NFE_PER_STEP), help="for the u's")
-    p.add_argument("--energy-steps", type=int, default=50,
-                   help="energy ODE steps per layer (paper: RK4 50; README: the fast setting)")
-    p.add_argument("--steps", type=int, default=20, help="ODE steps (paper: RK4, 20)")
+    add_sampling_args(p, SCRIPT, "laViT + VAE alone")
     p.add_argument("--cut", type=float, help="normalised cut on voxel fractions (default: the VAE's calibrated)")
-    p.add_argument("--output", help="generated file (default: <run>/gen_ds{ds}_<n>.hdf5)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     return p.parse_args(argv)
 
 

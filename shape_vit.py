@@ -71,11 +71,16 @@ def parse_args(argv=None):
     p.add_argument("--resume", nargs="?", const="latest", help="continue RUN_DIR or CKPT (default: newest)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (CUDA only)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
-    # sampling
+    add_sampling_args(p, SCRIPT, "the shape network alone")
+    return p.parse_args(argv)
+
+
+def add_sampling_args(p, script, alone):
+    """The --sample flags of shape_vit.py and latent_vit.py (`alone`: what --energy-ckpt truth evaluates)."""
     p.add_argument("--sample", action="store_true", help="generate showers instead of training")
-    p.add_argument("--ckpt", help="shape_vit run folder or checkpoint (default: newest run of --ds)")
+    p.add_argument("--ckpt", help=f"{script} run folder or checkpoint (default: newest run of --ds)")
     p.add_argument("--energy-ckpt", help="energy run folder or checkpoint (default: newest); 'truth' takes "
-                                         "the u's of the --like file (evaluates the shape network alone)")
+                                         f"the u's of the --like file (evaluates {alone})")
     p.add_argument("--n", "--showers", type=int, help="number of showers (default: as many as --like); under "
                    "torchrun write --showers (torchrun takes --n for its own --nnodes / --nproc-per-node)")
     p.add_argument("--like", help="reference file whose E_inc are copied (same law and count)")
@@ -86,9 +91,8 @@ def parse_args(argv=None):
     p.add_argument("--energy-steps", type=int, default=50,
                    help="energy ODE steps per layer (paper: RK4 50; README: the fast setting)")
     p.add_argument("--steps", type=int, default=20, help="ODE steps (paper: RK4, 20)")
-    p.add_argument("--output", help="generated file (default: <shape run>/gen_ds{ds}_<n>.hdf5)")
+    p.add_argument("--output", help="generated file (default: <run>/gen_ds{ds}_<n>.hdf5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    return p.parse_args(argv)
 
 
 def resolve(args):
