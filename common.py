@@ -472,11 +472,12 @@ def count_parameters(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def cfm_loss(model, x1, cond, generator=None):
-    """Conditional flow matching (paper Eq. 6): x_t = (1-t) x0 + t x1, target velocity x1 - x0."""
-    x0 = torch.randn(x1.shape, generator=generator, device=x1.device)
-    t = torch.rand(x1.shape[0], generator=generator, device=x1.device)
-    tb = t.reshape(-1, *[1] * (x1.dim() - 1))
+def cfm_loss(model, x1, cond, generator=None, share=slice(None)):
+    """Conditional flow matching (paper Eq. 6): x_t = (1-t) x0 + t x1, target velocity x1 - x0. Under DDP
+    x0 and t are drawn for the whole global batch x1 and only this rank's `share` goes through the model."""
+    x0 = torch.randn(x1.shape, generator=generator, device=x1.device)[share]
+    t = torch.rand(x1.shape[0], generator=generator, device=x1.device)[share]
+    x1, cond, tb = x1[share], cond[share], t.reshape(-1, *[1] * (x1.dim() - 1))
     v = model((1 - tb) * x0 + tb * x1, t, cond)
     return F.mse_loss(v.float(), x1 - x0)
 

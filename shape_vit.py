@@ -133,12 +133,7 @@ def batch_loss(model, showers, e_inc, stats, ds, generator, share=None):
     u = common.energies_to_u(e_inc, common.layer_energies(showers, ds))
     cond = common.shape_condition(e_inc, u, stats["cond"])
     with common.autocast(showers.device):
-        if share is None:
-            return common.cfm_loss(model, x1, cond, generator=generator)
-        x0 = torch.randn(x1.shape, generator=generator, device=x1.device)[share]
-        t = torch.rand(x1.shape[0], generator=generator, device=x1.device)[share]
-        x1, tb = x1[share], t.reshape(-1, *[1] * (x1.dim() - 1))
-        return torch.nn.functional.mse_loss(model((1 - tb) * x0 + tb * x1, t, cond[share]).float(), x1 - x0)
+        return common.cfm_loss(model, x1, cond, generator=generator, share=slice(None) if share is None else share)
 
 
 def fetch(showers, e_inc, idx, device):
