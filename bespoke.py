@@ -9,8 +9,8 @@ Train (one GPU; u's from the energy network, E_inc log-uniform; paper: Adam, bat
     python bespoke.py --ds 2 --shape-ckpt runs/shape_vit-ds2-<time> --energy-ckpt runs/energy-ds2-<time> \
         --steps 8 --loss local                   # -> runs/bespoke-ds2-<time>/ckpt.pt (a few kB)
     python bespoke.py --ds 2 --steps 4 8 16 --loss local global   # six solvers from one reference pool
-Sample with it: shape_vit.generate_showers(..., solve_fn=bespoke_solve_fn(load_bespoke(PATH, ds))); the
-samplers' `--solver bespoke --bespoke-ckpt PATH` flags are still to be added (/work/notes/readme_bespoke.md).
+Sample with it: python shape_vit.py --sample --solver bespoke --bespoke-ckpt runs/bespoke-ds2-<time> (or
+latent_vit.py; in code: shape_vit.generate_showers(..., solve_fn=bespoke_solve_fn(load_bespoke(PATH, ds)))).
 Fig. 9 (AUC vs NFE for Euler, midpoint, RK4, global and local BNS; trains the BNS solvers unless --bespoke):
     python bespoke.py --sweep --ds 2 --like data/dataset_2_2.hdf5 --steps 4 8 16 32 --loss local global
 CPU quick run on the synthetic showers (`python data.py toy --ds 2`, `python shape_vit.py --toy --preset
@@ -81,6 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--bespoke", nargs="+", help="trained bespoke runs to sweep instead of training new ones")
     p.add_argument("--cls-epochs", type=int, help="classifier epochs of evaluate.py")
     p.add_argument("--cls-width", type=int, help="classifier width of evaluate.py")
+    p.add_argument("--cls-repeats", type=int, default=1, help="mean AUC of this many classifier seeds per point")
     p.add_argument("--vs-reference", action="store_true", help="also score each point against the showers "
                    "of RK4 at --rk4-reference from the same x0 (the solver's error alone)")
     p.add_argument("--keep-showers", action="store_true", help="keep the generated files of the sweep")
@@ -379,11 +380,12 @@ def sweep(args):
         from energy import load_energy_sampler
         u = load_energy_sampler(args.energy_ckpt, args.ds, device)(e_inc).double().cpu()
 
-    def score(gen_path, ref_path, name):  # (high-level AUC, low-level AUC)
-        s = evaluate.evaluate(gen_path, ref_path, args.ds, modes=("cls-high", "cls-low"), out_dir=run_dir / name,
-                              seed=args.seed, cls_epochs=args.cls_epochs, cls_width=args.cls_width,
-                              max_showers=len(e_inc), device=args.device, plots=False, progress=not args.no_progress)
-        return s["cls_high"]["auc"], s["cls_low"]["auc"]
+    def score(gen_path, ref_path, name):  # {high, low}: mean AUC of --cls-repeats classifiers (splits, inits)
+        runs = [evaluate.evaluate(gen_path, ref_path, args.ds, modes=("cls-high", "cls-low"), seed=args.seed + k,
+                                  out_dir=run_dir / (name + (f"_seed{k}" if k else "")), cls_epochs=args.cls_epochs,
+                                  cls_width=args.cls_width, max_showers=len(e_inc), device=args.device, plots=False,
+                                  progress=not args.no_progress) for k in range(args.cls_repeats)]
+        return {lvl: [s[f"cls_{lvl}"]["auc"] for s in runs] for lvl in ("high", "low")}
 
     bs, rows, rk4_path = 10 * args.batch_size, [], run_dir / f"gen_rk4_{args.rk4_reference}.hdf5"
     for label, solver, nfe, solve_fn, steps in sweep_points(args, bespoke_runs):
@@ -398,9 +400,12 @@ def sweep(args):
                 writer.write(e_inc[s:s + bs], x)
         t0 = time.time()
         row = {"solver": label, "nfe": nfe, "steps": steps, "ms_per_shower": 1e3 * seconds / len(e_inc)}
-        row["auc_high"], row["auc_low"] = score(gen_path, args.like, f"eval_{label}_{nfe}")
-        if args.vs_reference and gen_path != rk4_path:
-            row["auc_high_vs_rk4"], row["auc_low_vs_rk4"] = score(gen_path, rk4_path, f"eval_{label}_{nfe}_vs_rk4")
+        refs = [("", args.like)] + [("_vs_rk4", rk4_path)] * (args.vs_reference and gen_path != rk4_path)
+        for suffix, ref_path in refs:
+            for lvl, aucs in score(gen_path, ref_path, f"eval_{label}_{nfe}{suffix}").items():
+                row[f"auc_{lvl}{suffix}"] = sum(aucs) / len(aucs)
+                if len(aucs) > 1:
+                    row[f"auc_{lvl}{suffix}_std"] = float(torch.tensor(aucs, dtype=torch.float64).std(correction=0))
         rows.append({**row, "seconds_eval": time.time() - t0})
         log(json.dumps(rows[-1]))
         if not args.keep_showers and not (args.vs_reference and gen_path == rk4_path):
@@ -418,7 +423,7 @@ def write_table(rows, run_dir, args, device, log):
     import matplotlib.pyplot as plt
     meta = {"ds": args.ds, "shape_ckpt": args.shape_ckpt, "like": args.like, "n": args.n, "device": str(device),
             "energy": args.energy_ckpt or "newest energy run", "cls_epochs": args.cls_epochs,
-            "cls_width": args.cls_width, "seed": args.seed}
+            "cls_width": args.cls_width, "cls_repeats": args.cls_repeats, "seed": args.seed}
     (run_dir / "sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     keys = [k for k in ("auc_high", "auc_low", "auc_high_vs_rk4", "auc_low_vs_rk4") if any(k in r for r in rows)]
     lines = ["| solver | NFE | steps | " + " | ".join(keys) + " | ms / shower |", "|---" * (len(keys) + 4) + "|"]

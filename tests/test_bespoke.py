@@ -143,12 +143,14 @@ def test_cli_train_and_sampler_hook(toy_ds2, tmp_path):
     sweep_dir = bespoke.main(["--sweep", "--shape-ckpt", str(shape_run), "--bespoke", *map(str, runs),
                               "--energy-ckpt", "truth", "--like", str(toy_ds2 / "toy_ds2_ref.hdf5"), "--n", "40",
                               "--nfe", "4", "--rk4-reference", "8", "--cls-epochs", "1", "--cls-width", "16",
-                              "--vs-reference", "--out", str(tmp_path), "--device", "cpu", "--no-progress"])
+                              "--cls-repeats", "2", "--vs-reference", "--out", str(tmp_path), "--device", "cpu", "--no-progress"])
     table = json.loads((sweep_dir / "sweep.json").read_text())["rows"]
     assert [(r["solver"], r["nfe"]) for r in table] == [("rk4", 8), ("bns-local", 4), ("bns-global", 4), ("euler", 4),
                                                          ("midpoint", 4), ("rk4", 4)]
     assert all(0 <= r["auc_high"] <= 1 and 0 <= r["auc_low"] <= 1 and r["ms_per_shower"] > 0 for r in table)
     assert "auc_low_vs_rk4" not in table[0] and all(0 <= r["auc_low_vs_rk4"] <= 1 for r in table[1:])
+    assert all(r["auc_high_std"] >= 0 and r["auc_low_vs_rk4_std"] >= 0 for r in table[1:])  # 2 classifier seeds
+    assert (sweep_dir / "eval_euler_4_seed1").is_dir()
     assert (sweep_dir / "sweep.png").stat().st_size > 0 and "bns-local" in (sweep_dir / "sweep.md").read_text()
     assert not list(sweep_dir.glob("gen_*.hdf5"))  # generated files are removed unless --keep-showers
 
