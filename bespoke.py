@@ -75,7 +75,7 @@ def parse_args(argv=None):
     # sweep (Fig. 9)
     p.add_argument("--sweep", action="store_true", help="AUC vs NFE of all solvers (paper Fig. 9)")
     p.add_argument("--like", help="reference file: E_inc (and with truth the u's) and classifier reference")
-    p.add_argument("--n", type=int, help="showers per sweep point (default: the whole --like file)")
+    p.add_argument("--n", type=int, help="showers per sweep point (default: the preset's; paper: the whole --like file, small: 600)")
     p.add_argument("--nfe", type=int, nargs="+", default=[4, 8, 16, 32, 64], help="NFE of the fixed solvers")
     p.add_argument("--rk4-reference", type=int, default=80, help="extra RK4 point (paper: 20 steps = 80 NFE)")
     p.add_argument("--bespoke", nargs="+", help="trained bespoke runs to sweep instead of training new ones")

@@ -35,7 +35,7 @@ The spot energy grows like sqrt(E_inc) (2 MeV at 1 GeV, 63 MeV at 1 TeV) instead
 MeV: a 1 TeV shower would otherwise need 5e5 spots (on average 4400 spots per shower now).
 Measured (2 shared cores): 20k DS2 showers 20 s CPU to generate + 19 s to write gzip (136 MB);
 5k DS3 showers 6 s + ~14 s to write (78 MB). Same (ds, n, seed) -> the same file, bit for bit.
-Every parameter is in the block below; /work/notes/readme_data.md has the table.
+Every parameter is in the block below; README.md (Data) has the table.
 """
 import argparse
 import hashlib

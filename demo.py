@@ -1,7 +1,7 @@
 """The whole CaloDREAM chain in one command, ending in a report (README: "Two commands for a new user").
 
     python demo.py                       # CPU, synthetic DS2 showers: data -> energy -> shape ViT -> sample
-                                         #   -> evaluate -> demo/ds2-toy/report.md (about 20 min on 2 cores)
+                                         #   -> evaluate -> demo/ds2-toy/report.md (about 14 min on 2 cores)
     python demo.py --latent --bespoke    # also VAE -> laViT and a bespoke 8-step solver
     python demo.py --real --ds 2         # the paper's configuration on data/dataset_2_{1,2}.hdf5 (GPU; days)
     python demo.py --smoke --latent --bespoke --out /tmp/smoke   # tiny settings: checks every stage's wiring
@@ -50,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--ds", type=int, default=2, choices=[2, 3], help="CaloChallenge dataset")
     p.add_argument("--real", action="store_true", help="real files in --data-dir and the paper's settings")
     p.add_argument("--data-dir", help="real files (default data/); synthetic ones go to <demo folder>/data")
-    p.add_argument("--out", help="demo folder (default demo/ds<N>-toy or demo/ds<N>-real)")
+    p.add_argument("--out", help="demo folder (default demo/ds<N>-toy, -smoke or -real)")
     p.add_argument("--latent", action="store_true", help="also train the VAE and the latent ViT")
     p.add_argument("--bespoke", action="store_true", help="also train a bespoke 8-step solver")
     p.add_argument("--device", help="passed to every stage (default: cuda if available)")
@@ -171,8 +171,9 @@ def main(argv=None):
         solver = chain.run("bespoke", ["bespoke.py", "--shape-ckpt", shape, "--energy-ckpt", energy, "--out", runs]
                            + chain.common() + chain.flags("bespoke"), lambda: chain.newest_run("bespoke"))
         samples["ViT, bespoke 8 steps"] = chain.run(
-            "bespoke_sample", ["shape_vit.py", "--sample", "--ckpt", shape, "--solver", "bespoke", "--bespoke-ckpt",
-                               solver, "--output", chain.dir / "gen_bespoke.hdf5"] + like, chain.dir / "gen_bespoke.hdf5")
+            "bespoke_sample", ["shape_vit.py", "--sample", "--ckpt", shape, "--output", chain.dir / "gen_bespoke.hdf5"]
+            + like + chain.flags("sample") + ["--solver", "bespoke", "--bespoke-ckpt", solver],  # last flag wins
+            chain.dir / "gen_bespoke.hdf5")
     evals = {}
     for label, gen in samples.items():
         out = chain.dir / "eval" / Path(gen).stem

@@ -14,7 +14,7 @@ Sample (E_inc copied from a reference file or log-uniform; u's from the energy n
         --like data/dataset_2_2.hdf5 --output gen_lavit_ds2.hdf5
     python latent_vit.py --sample --energy-ckpt truth --like data/toy_ds2_ref.hdf5   # u's of the reference
     python evaluate.py -i gen_lavit_ds2.hdf5 -r data/dataset_2_2.hdf5 --ds 2
-Paper: laViT AUC (low/high level) DS2 0.58/0.53, DS3 0.62/0.59. /work/notes/readme_vae.md has toy numbers.
+Paper: laViT AUC (low/high level) DS2 0.58/0.53, DS3 0.62/0.59. README.md (VAE and latent ViT) has toy numbers.
 
 Training data: every batch is encoded by the frozen VAE (eval mode, deterministic) and a fresh
 reparameterised latent z = mu + sigma * eps is drawn (SPEC 2.4). **Decision**: the latents are
@@ -349,8 +349,8 @@ def sample(args):
 
 
 def main(argv=None):
-    args = resolve(parse_args(argv))
-    run_dir = sample(args) if args.sample else train(args)
+    args = parse_args(argv)
+    run_dir = sample(args) if args.sample else train(resolve(args))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return run_dir

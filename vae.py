@@ -13,7 +13,7 @@ grid on which latent_vit.py learns a flow. Conditioned on [c_E, u's] like the sh
 What to expect: the paper's reconstruction of real DS2 showers reaches a low-level classifier AUC of
 0.512 (200 epochs). One H100 trains about 1,850 showers/s (DS2, float32). The CPU toy run takes about
 10 minutes on 2 shared cores and only learns the average shower (validation BCE 0.0299 against 0.0300 for
-the mean map): it checks the plumbing, not the physics. /work/notes/readme_vae.md has the numbers.
+the mean map): it checks the plumbing, not the physics. README.md (VAE and latent ViT) has the numbers.
 
 Layout (both trainable-parameter counts exact at --channels 64: DS2 901,093, DS3 1,103,845):
     cond (46) -> Linear(46, 100), ReLU, Linear(100, 100) = c, shared by all blocks

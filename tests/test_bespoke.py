@@ -157,7 +157,7 @@ def test_cli_train_and_sampler_hook(toy_ds2, tmp_path):
 
 def test_latent_vit_network(toy_ds2, tmp_path):
     """A laViT run trains a BNS solver too (its latent grid, its own condition statistics); its sampler
-    runs through load_network's generate (the bespoke hook itself waits for latent_vit's solve_fn)."""
+    runs through load_network's generate."""
     import latent_vit
     import vae
     files = ["--files", str(toy_ds2 / "toy_ds2_train.hdf5"), "--out", str(tmp_path), "--max-showers", "24",
