@@ -238,6 +238,12 @@ def write_report(chain, evals):
         low, high, fk = s.get("cls_low", {}), s.get("cls_high", {}), s.get("fpd_kpd", {})
         lines.append(f"| {label} | {_fmt(low.get('auc'))} | {_fmt(high.get('auc'))} | {_fmt(high.get('jsd'))} "
                      f"| {_fmt(fk.get('fpd'), 2)} | {_fmt(fk.get('kpd'), 3)} |")
+    cfg = next(iter(summaries.values()), {}).get("config", {})
+    if cfg.get("cls_epochs") is not None:
+        lines += ["", f"Classifiers: width {cfg['cls_width']}, {cfg['cls_epochs']} epochs, {cfg.get('n_gen')} generated "
+                  f"vs {cfg.get('n_ref')} reference showers (official: width 2048, 50 epochs, all showers). A shorter "
+                  "classifier separates less, so its AUC is lower than the official evaluation's (README, bespoke.py "
+                  "section: a 50-epoch classifier gives ~0.99 for a CPU-trained toy network)."]
     lines += ["", "## Separation powers (mean over layers; 0 = identical, 1 = disjoint)", "",
               "| feature | " + " | ".join(summaries) + " |", "|---|" + "---|" * len(summaries)]
     keys = sorted({k for s in summaries.values() for k in s.get("separation_power_mean", {})})

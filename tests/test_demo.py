@@ -25,12 +25,15 @@ def test_report_from_a_finished_chain(tmp_path):
     ev.mkdir(parents=True)
     (ev / "summary.json").write_text(json.dumps({"cls_low": {"auc": 0.9}, "cls_high": {"auc": 0.8, "jsd": 0.2},
                                                  "fpd_kpd": {"fpd": 12.5, "kpd": 0.5},
-                                                 "separation_power_mean": {"e_layer": 0.01}}))
+                                                 "separation_power_mean": {"e_layer": 0.01},
+                                                 "config": {"cls_epochs": 10, "cls_width": 256, "n_gen": 30,
+                                                            "n_ref": 40}}))
     (ev / "e_layer.png").write_bytes(b"png")
     text = demo.write_report(chain, {"ViT": ev / "summary.json"}).read_text()
     assert "| energy | 300 | 300 | `python energy.py` |" in text
     assert "Wall time of the chain 6.8 min" in text  # 10 + max(300, 200) + 100 s: side-by-side stages once
     assert "| ViT | 0.900 | 0.800 | 0.200 | 12.50 | 0.500 |" in text and "| e_layer | 0.0100 |" in text
+    assert "Classifiers: width 256, 10 epochs, 30 generated vs 40 reference showers" in text
     assert "![e_layer](eval/gen_vit/e_layer.png)" in text and (out / "training_curves.png").stat().st_size > 0
 
 
