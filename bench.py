@@ -65,7 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--forward-batch", type=int, help="batch of forward and flops (100; CPU --quick 10)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", help="chain batches (CUDA 1 100 10000; CUDA --quick or CPU 1 100; CPU --quick 1 10)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", help="chain batches "
+                   "(CUDA 1 100 10000; CUDA --quick or CPU 1 100; CPU --quick 1 10)")
     p.add_argument("--solvers", nargs="+", default=["euler", "midpoint", "rk4", "bespoke"],
                    choices=["euler", "midpoint", "rk4", "bespoke"], help="bespoke: ViT only, energy network rk4")
     p.add_argument("--chains", nargs="+", default=["vit", "lavit"], choices=["vit", "lavit"])

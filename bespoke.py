@@ -28,6 +28,7 @@ classifier gives AUC ~0.998 for every solver (README).
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -76,7 +77,8 @@ def parse_args(argv=None):
     # sweep (Fig. 9)
     p.add_argument("--sweep", action="store_true", help="AUC vs NFE of all solvers (paper Fig. 9)")
     p.add_argument("--like", help="reference file: E_inc (and with truth the u's) and classifier reference")
-    p.add_argument("--n", type=int, help="showers per sweep point (default: the preset's; paper: the whole --like file, small: 600)")
+    p.add_argument("--n", type=int, help="showers per sweep point (default: the preset's; "
+                                              "paper: the whole --like file, small: 600)")
     p.add_argument("--nfe", type=int, nargs="+", default=[4, 8, 16, 32, 64], help="NFE of the fixed solvers")
     p.add_argument("--rk4-reference", type=int, default=80, help="extra RK4 point (paper: 20 steps = 80 NFE)")
     p.add_argument("--bespoke", nargs="+", help="trained bespoke runs to sweep instead of training new ones")
@@ -404,9 +406,9 @@ def sweep(args):
         refs = [("", args.like)] + [("_vs_rk4", rk4_path)] * (args.vs_reference and gen_path != rk4_path)
         for suffix, ref_path in refs:
             for lvl, aucs in score(gen_path, ref_path, f"eval_{label}_{nfe}{suffix}").items():
-                row[f"auc_{lvl}{suffix}"] = sum(aucs) / len(aucs)
+                row[f"auc_{lvl}{suffix}"] = statistics.fmean(aucs)
                 if len(aucs) > 1:
-                    row[f"auc_{lvl}{suffix}_std"] = float(torch.tensor(aucs, dtype=torch.float64).std(correction=0))
+                    row[f"auc_{lvl}{suffix}_std"] = statistics.pstdev(aucs)
         rows.append({**row, "seconds_eval": time.time() - t0})
         log(json.dumps(rows[-1]))
         if not args.keep_showers and not (args.vs_reference and gen_path == rk4_path):
@@ -428,7 +430,12 @@ def write_table(rows, run_dir, args, device, log):
     (run_dir / "sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     keys = [k for k in ("auc_high", "auc_low", "auc_high_vs_rk4", "auc_low_vs_rk4") if any(k in r for r in rows)]
     lines = ["| solver | NFE | steps | " + " | ".join(keys) + " | ms / shower |", "|---" * (len(keys) + 4) + "|"]
-    cell = lambda r, k: "-" if k not in r else f"{r[k]:.4f}" + (f" +- {r[k + '_std']:.4f}" if k + "_std" in r else "")  # noqa: E731
+
+    def cell(r, k):  # "mean +- std" over the classifier seeds, or the single AUC
+        if k not in r:
+            return "-"
+        return f"{r[k]:.4f}" + (f" +- {r[k + '_std']:.4f}" if k + "_std" in r else "")
+
     lines += [f"| {r['solver']} | {r['nfe']} | {r['steps']} | " + " | ".join(cell(r, k) for k in keys)
               + f" | {r['ms_per_shower']:.2f} |" for r in sorted(rows, key=lambda r: (r["solver"], r["nfe"]))]
     (run_dir / "sweep.md").write_text(f"{json.dumps(meta)}\n\n" + "\n".join(lines) + "\n")

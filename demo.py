@@ -240,8 +240,8 @@ def write_report(chain, evals):
                      f"| {_fmt(fk.get('fpd'), 2)} | {_fmt(fk.get('kpd'), 3)} |")
     cfg = next(iter(summaries.values()), {}).get("config", {})
     if cfg.get("cls_epochs") is not None:
-        lines += ["", f"Classifiers: width {cfg['cls_width']}, {cfg['cls_epochs']} epochs, {cfg.get('n_gen')} generated "
-                  f"vs {cfg.get('n_ref')} reference showers (official: width 2048, 50 epochs, all showers). A shorter "
+        lines += ["", f"Classifiers: width {cfg['cls_width']}, {cfg['cls_epochs']} epochs, {cfg.get('n_gen')} "
+                  f"generated vs {cfg.get('n_ref')} reference showers (official: width 2048, 50 epochs, all showers). A shorter "
                   "classifier separates less, so its AUC is lower than the official evaluation's (README, bespoke.py "
                   "section: a 50-epoch classifier gives ~0.99 for a CPU-trained toy network)."]
     lines += ["", "## Separation powers (mean over layers; 0 = identical, 1 = disjoint)", "",

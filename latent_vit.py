@@ -126,14 +126,14 @@ def fit_latent_stats(vae, vae_stats, showers, e_inc, idx, ds, device, batch_size
     return {"mean": mean.float(), "std": var.sqrt().clamp(min=1e-6).float()}
 
 
-def batch_loss(model, vae, vae_stats, stats, showers, e_inc, ds, generator, share=None):
+def batch_loss(model, vae, vae_stats, stats, showers, e_inc, ds, generator, share=slice(None)):
     """CFM loss on a fresh reparameterised (standardised) latent of one batch of physical showers. With `share`
     (DDP) the latent noise, x0 and t are drawn for the whole global batch and only the share is used."""
     mu, logvar, u = encode_batch(vae, vae_stats, e_inc, showers, ds)
     x1 = common.standardize(vae_lib.reparameterize(mu, logvar, generator), stats["latent"])
     cond = common.shape_condition(e_inc, u, stats["cond"])
     with common.autocast(showers.device):
-        return common.cfm_loss(model, x1, cond, generator=generator, share=slice(None) if share is None else share)
+        return common.cfm_loss(model, x1, cond, generator=generator, share=share)
 
 
 def fetch(showers, e_inc, idx, device):
@@ -234,11 +234,9 @@ def train(args):
                    disable=args.no_progress or rank > 0, leave=False)
         for i in bar:
             x, e = fetch(showers, e_inc, train_idx[perm[i * args.batch_size:(i + 1) * args.batch_size]], device)
-            if world == 1:
-                loss = batch_loss(net, vae, vae_stats, stats_dev, x, e, args.ds, gen)
-            else:  # every rank draws the whole batch's random numbers, computes its share of the mean
-                share, weight = common.rank_share(len(x), rank, world)
-                loss = weight * batch_loss(net, vae, vae_stats, stats_dev, x, e, args.ds, gen, share)
+            # every rank draws the whole batch's random numbers and computes its share of the mean
+            share, weight = common.rank_share(len(x), rank, world)  # (all of it, 1.0) in a plain run
+            loss = weight * batch_loss(net, vae, vae_stats, stats_dev, x, e, args.ds, gen, share)
             opt.zero_grad(set_to_none=True)
             if common.all_mean(float(torch.isfinite(loss)), device) == 1:  # all ranks skip together
                 loss.backward()
@@ -336,8 +334,8 @@ def sample(args):
     total = time.time() - t0
     if rank > 0:
         return output
-    info = {"file": str(output), "ds": args.ds, "n": setup.n_all, "ranks": world, "solver": args.solver, "steps": args.steps,
-            "nfe": nfe, "batch_size": batch_size, "seed": args.seed, "device": str(device), "cut": cut,
+    info = {"file": str(output), "ds": args.ds, "n": setup.n_all, "ranks": world, "solver": args.solver,
+            "steps": args.steps, "nfe": nfe, "batch_size": batch_size, "seed": args.seed, "device": str(device), "cut": cut,
             "bespoke_ckpt": args.bespoke_ckpt, "latent_ckpt": str(path), "latent_epoch": ckpt["epoch"],
             "vae_ckpt": ckpt["vae"]["path"],
             "energy": energy_desc, "like": args.like, "seconds_energy": t_energy, "seconds_shape": t_shape,

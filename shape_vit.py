@@ -126,14 +126,14 @@ def velocity_fn(model, cond):
 
 
 # ----------------------------------------------------------------------------- training
-def batch_loss(model, showers, e_inc, stats, ds, generator, share=None):
+def batch_loss(model, showers, e_inc, stats, ds, generator, share=slice(None)):
     """CFM loss of one batch of physical showers: fresh dequantisation noise, t and x0. With `share` (DDP) the
     noise, x0 and t are drawn for the whole global batch (as common.cfm_loss does) and only the share is used."""
     x1 = common.showers_to_net(showers, ds, stats, generator=generator)
     u = common.energies_to_u(e_inc, common.layer_energies(showers, ds))
     cond = common.shape_condition(e_inc, u, stats["cond"])
     with common.autocast(showers.device):
-        return common.cfm_loss(model, x1, cond, generator=generator, share=slice(None) if share is None else share)
+        return common.cfm_loss(model, x1, cond, generator=generator, share=share)
 
 
 def fetch(showers, e_inc, idx, device):
@@ -194,7 +194,7 @@ def train(args):
             __import__("shutil").rmtree(run_dir, ignore_errors=True)
         raise
     train_idx, val_idx = common.split_indices(len(showers), args.val_fraction, args.seed)
-    if ckpt is None:  # statistics of the training split only (a transient copy of its rows)
+    if ckpt is None:  # statistics of the training split only (read row by row: no copy of it)
         stats = common.fit_shape_stats(e_inc, showers, args.ds, train_idx, seed=args.seed)
     else:
         stats = ckpt["stats"]
@@ -227,11 +227,9 @@ def train(args):
                    disable=args.no_progress or rank > 0, leave=False)
         for i in bar:
             x, e = fetch(showers, e_inc, train_idx[perm[i * args.batch_size:(i + 1) * args.batch_size]], device)
-            if world == 1:
-                loss = batch_loss(net, x, e, stats_dev, args.ds, gen)
-            else:  # every rank draws the whole batch's random numbers, computes its share of the mean
-                share, weight = common.rank_share(len(x), rank, world)
-                loss = weight * batch_loss(net, x, e, stats_dev, args.ds, gen, share)
+            # every rank draws the whole batch's random numbers and computes its share of the mean
+            share, weight = common.rank_share(len(x), rank, world)  # (all of it, 1.0) in a plain run
+            loss = weight * batch_loss(net, x, e, stats_dev, args.ds, gen, share)
             opt.zero_grad(set_to_none=True)
             if common.all_mean(float(torch.isfinite(loss)), device) == 1:  # all ranks skip together
                 loss.backward()
