@@ -159,6 +159,29 @@ def load_showers(paths, ds, max_showers=None, chunk=None, progress=True):
     return e_inc, showers
 
 
+def load_u(paths, ds, max_showers=None, chunk=1000, progress=True):
+    """E_inc (N,) and the 45 u's (N, 45), float64, read chunk by chunk: the voxels are never kept (the energy
+    network's training data, and the true u's of a reference file)."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    e_all, u_all, total = [], [], 0
+    for path in paths:
+        f, n = open_showers(path, ds)
+        with f:
+            n = n if max_showers is None else min(n, max_showers - total)
+            for s in tqdm(range(0, n, chunk), desc=f"reading {Path(path).name}", disable=not progress, leave=False):
+                stop = min(s + chunk, n)
+                e = np.asarray(f["incident_energies"][s:stop], dtype=np.float64).reshape(-1)
+                x = np.asarray(f["showers"][s:stop], dtype=np.float64).reshape(stop - s, -1)
+                if not (np.isfinite(e).all() and np.isfinite(x).all()) or (e <= 0).any() or (x < 0).any():
+                    raise DataError(f"{path} holds NaN, inf or negative energies (showers {s}-{stop})")
+                e_all.append(torch.from_numpy(e))
+                u_all.append(energies_to_u(e_all[-1], layer_energies(torch.from_numpy(x), ds)))
+        total += n
+    if total == 0:
+        raise DataError(f"no showers in {', '.join(map(str, paths))}")
+    return torch.cat(e_all), torch.cat(u_all)
+
+
 class ShowerWriter:
     """Stream showers into a CaloChallenge file: write under a temporary name, rename at the end.
 

@@ -36,9 +36,9 @@ from einops import rearrange
 from tqdm import tqdm
 
 from common import (N_LAYERS, NFE_PER_STEP, DataError, Log, all_mean, autocast, count_parameters, data_files,
-                    energies_to_u, energy_condition, find_latest_run, fit_standardizer, init_distributed,
-                    inverse_logit, layer_energies, load_checkpoint, logit, make_run_dir, open_showers, pick_device,
-                    rank_share, sample_e_inc, save_checkpoint, seed_everything, solve, split_indices, standardize, unstandardize)
+                    energy_condition, find_latest_run, fit_standardizer, init_distributed, inverse_logit,
+                    load_checkpoint, load_u, logit, make_run_dir, pick_device, rank_share, sample_e_inc,
+                    save_checkpoint, seed_everything, solve, split_indices, standardize, unstandardize)
 
 PRESETS = {  # transformer feed-forward width, head width I, layers per stack, hidden head layers
     "paper": dict(ff=1024, inner=256, layers=4, head_layers=6),  # Table 1: 1,695,297 parameters
@@ -87,25 +87,7 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- data (SPEC 2.1)
-def load_u(paths, ds, max_showers=None, chunk=1000, progress=True):
-    """E_inc (N,) and the 45 u's (N, 45), float64, read chunk by chunk: the voxels are never kept."""
-    e_all, u_all, total = [], [], 0
-    for path in paths:
-        f, n = open_showers(path, ds)
-        with f:
-            n = n if max_showers is None else min(n, max_showers - total)
-            for s in tqdm(range(0, n, chunk), desc=f"reading {Path(path).name}", disable=not progress, leave=False):
-                stop = min(s + chunk, n)
-                e = np.asarray(f["incident_energies"][s:stop], dtype=np.float64).reshape(-1)
-                x = np.asarray(f["showers"][s:stop], dtype=np.float64).reshape(stop - s, -1)
-                if not (np.isfinite(e).all() and np.isfinite(x).all()) or (e <= 0).any() or (x < 0).any():
-                    raise DataError(f"{path} holds NaN, inf or negative energies (showers {s}-{stop})")
-                e_all.append(torch.from_numpy(e))
-                u_all.append(energies_to_u(e_all[-1], layer_energies(torch.from_numpy(x), ds)))
-        total += n
-    if total == 0:
-        raise DataError(f"no showers in {', '.join(map(str, paths))}")
-    return torch.cat(e_all), torch.cat(u_all)
+# E_inc and the 45 u's of every shower come from common.load_u (voxels summed chunk by chunk, never kept).
 
 
 def u_to_net(u, stats):

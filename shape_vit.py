@@ -297,20 +297,17 @@ def generate_showers(model, stats, e_inc, u, ds, solver="rk4", steps=20, batch_s
     return torch.cat(out)
 
 
-def reference_condition(path, ds, n, with_u, chunk=2000):
-    """E_inc (float64) of the first n showers of a reference file and, if with_u, their true u's,
-    read chunk by chunk (a DS3 reference never sits in memory whole)."""
+def reference_condition(path, ds, n, with_u):
+    """E_inc (float64) of the first n showers of a reference file and, if with_u, their true u's
+    (common.load_u: read chunk by chunk, a DS3 reference never sits in memory whole)."""
     f, n_ref = common.open_showers(path, ds)
     with f:
         n = n_ref if n is None else n
         if n > n_ref:
             raise ValueError(f"--n {n} exceeds the {n_ref} showers of {path}")
-        e_inc = torch.from_numpy(f["incident_energies"][:n].reshape(-1).astype(np.float64))
         if not with_u:
-            return e_inc, None
-        layer_e = torch.cat([common.layer_energies(torch.from_numpy(f["showers"][s:min(s + chunk, n)]), ds)
-                             for s in range(0, n, chunk)])
-    return e_inc, common.energies_to_u(e_inc, layer_e)
+            return torch.from_numpy(f["incident_energies"][:n].reshape(-1).astype(np.float64)), None
+    return common.load_u(path, ds, n, progress=False)
 
 
 def shard_writer(output, n, ds, rank=0, world=1, overwrite=False):

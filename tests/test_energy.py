@@ -63,7 +63,7 @@ def test_shapes_and_tokens():
 
 
 def test_load_u_and_preprocessing_round_trip(toy_ds2):
-    e_inc, u = energy.load_u([toy_ds2 / "toy_ds2_train.hdf5"], 2, max_showers=300, progress=False)
+    e_inc, u = common.load_u([toy_ds2 / "toy_ds2_train.hdf5"], 2, max_showers=300, progress=False)
     assert e_inc.shape == (300,) and u.shape == (300, 45) and u.dtype == torch.float64
     stats = common.fit_standardizer(common.logit(u))
     back = energy.net_to_u(energy.u_to_net(u, stats), stats)
