@@ -584,12 +584,16 @@ class Log:
                 f.write(line + "\n")
 
 
-def save_checkpoint(path, **state):
-    """Atomic torch.save: a killed run never leaves a truncated checkpoint behind."""
+def atomic_write(path, write):
+    """write(tmp) to a hidden name beside path, then rename: a killed run never leaves a truncated file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def save_checkpoint(path, **state):
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path, script=None, ds=None, map_location="cpu"):

@@ -22,7 +22,6 @@ Other scripts use `load_energy_sampler` / `chain_u`.
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -35,8 +34,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm import tqdm
 
-from common import (N_LAYERS, NFE_PER_STEP, DataError, Log, all_mean, autocast, count_parameters, data_files,
-                    energy_condition, find_latest_run, fit_standardizer, init_distributed, inverse_logit,
+from common import (N_LAYERS, NFE_PER_STEP, DataError, Log, all_mean, atomic_write, autocast, count_parameters,
+                    data_files, energy_condition, find_latest_run, fit_standardizer, init_distributed, inverse_logit,
                     load_checkpoint, load_u, logit, make_run_dir, pick_device, rank_share, sample_e_inc,
                     save_checkpoint, seed_everything, solve, split_indices, standardize, unstandardize)
 
@@ -322,11 +321,12 @@ def write_u(path, e_inc, u, overwrite=False):
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset("incident_energies", data=e_inc.double().numpy().reshape(-1, 1), compression="gzip")
-        f.create_dataset("u", data=u.double().numpy(), compression="gzip")
-    os.replace(tmp, path)
+
+    def write(tmp):
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("incident_energies", data=e_inc.double().numpy().reshape(-1, 1), compression="gzip")
+            f.create_dataset("u", data=u.double().numpy(), compression="gzip")
+    atomic_write(path, write)
 
 
 def u_classifier(e_gen, u_gen, e_ref, u_ref, seed=0, epochs=30, width=512, progress=True):
@@ -387,7 +387,8 @@ def sample(args):
         write_u(output, e_inc, u, args.overwrite)
         print(f"wrote {output}")
         if args.score:
-            write_json(output.with_suffix(".json"), rows[0])
+            score = json.dumps(rows[0], indent=1)
+            atomic_write(output.with_suffix(".json"), lambda tmp: tmp.write_text(score))
         return output
     ref = max(rows, key=lambda r: (r["solver"] == "rk4", r["nfe"]))  # the most accurate solve: RK4, most NFE
     print(f"{'solver':>9} {'steps':>5} {'NFE':>4} {'seconds':>8} {'AUC':>7} {'- ref':>7}   (ref: {ref['solver']} "
@@ -396,15 +397,10 @@ def sample(args):
         r["auc_minus_ref"] = r["auc"] - ref["auc"]
         print(f"{r['solver']:>9} {r['steps']:>5} {r['nfe']:>4} {r['seconds']:8.1f} {r['auc']:7.4f} "
               f"{r['auc_minus_ref']:+7.4f}")
-    write_json(output, dict(energy_run=str(run_dir), like=str(args.like), rows=rows))
+    table = dict(energy_run=str(run_dir), like=str(args.like), rows=rows)
+    atomic_write(output, lambda tmp: tmp.write_text(json.dumps(table, indent=1)))
     print(f"wrote {output}")
     return output
-
-
-def write_json(path, obj):
-    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- training
