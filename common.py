@@ -558,25 +558,34 @@ def autocast(device):
 
 
 def make_run_dir(script, ds, root="runs"):
-    """runs/<script>-ds<N>-<YYYYmmdd-HHMMSS>/ (a suffix keeps two runs in one second apart)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for k in range(100):
-        path = Path(root) / f"{script}-ds{ds}-{stamp}{'' if k == 0 else f'-{k}'}"
-        try:
-            path.mkdir(parents=True)
-            return path
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"could not create a run folder under {root}")
+    """runs/<script>-ds<N>-<YYYYmmdd-HHMMSS>/ (a suffix keeps two runs in one second apart). Under torchrun
+    rank 0 creates it and every rank gets its path."""
+    path = [None]
+    if get_rank() == 0:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for k in range(100):
+            path = [Path(root) / f"{script}-ds{ds}-{stamp}{'' if k == 0 else f'-{k}'}"]
+            try:
+                path[0].mkdir(parents=True)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise RuntimeError(f"could not create a run folder under {root}")
+    if is_distributed():
+        torch.distributed.broadcast_object_list(path)
+    return path[0]
 
 
 class Log:
-    """Print a line and append it to <run>/log.txt."""
+    """Print a line and append it to <run>/log.txt (under torchrun: on rank 0 only)."""
 
     def __init__(self, run_dir):
         self.path = Path(run_dir) / "log.txt" if run_dir else None
 
     def __call__(self, *msg):
+        if get_rank() > 0:
+            return
         line = " ".join(str(m) for m in msg)
         tqdm.write(line)
         if self.path:
@@ -641,6 +650,15 @@ def init_distributed(device=None):
     return rank, world, device
 
 
+def is_distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def get_rank():
+    """This process's rank under torchrun; 0 in a plain run."""
+    return torch.distributed.get_rank() if is_distributed() else 0
+
+
 def rank_share(n, rank, world):
     """This rank's contiguous part of a global batch of n, and the loss weight that makes DDP's average of
     the ranks' gradients equal the gradient of the global batch mean (also when n % world != 0)."""
@@ -650,7 +668,7 @@ def rank_share(n, rank, world):
 
 def all_mean(value, device):
     """Mean of a python float over all ranks (the value itself in a plain run)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not is_distributed():
         return value
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)

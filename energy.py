@@ -431,11 +431,8 @@ def train(args, stop_after=None):
     stats = ckpt["stats"] if ckpt else fit_standardizer(logit(u[train_idx]))
     z, c_e = u_to_net(u, stats).to(device), energy_condition(e_inc).float().to(device)
     if not ckpt:
-        run_dir = [make_run_dir("energy", args.ds, args.out) if rank == 0 else None]
-        if world > 1:
-            torch.distributed.broadcast_object_list(run_dir)
-        run_dir = run_dir[0]
-    log = Log(run_dir) if rank == 0 else lambda *msg: None
+        run_dir = make_run_dir("energy", args.ds, args.out)  # under torchrun: rank 0's, broadcast
+    log = Log(run_dir)  # silent on ranks > 0
 
     seed_everything(args.seed)
     model = build_model(vars(args)).to(device)

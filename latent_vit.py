@@ -178,11 +178,8 @@ def train(args):
     files = args.files or common.data_files(args.ds, args.data_dir, toy=args.toy)
     e_inc, showers = common.load_showers(files, args.ds, args.max_showers, progress=not args.no_progress and rank == 0)
     if ckpt is None:
-        run_dir = [common.make_run_dir(SCRIPT, args.ds, args.out) if rank == 0 else None]
-        if world > 1:
-            torch.distributed.broadcast_object_list(run_dir)
-        run_dir = run_dir[0]
-    log = common.Log(run_dir) if rank == 0 else lambda *msg: None
+        run_dir = common.make_run_dir(SCRIPT, args.ds, args.out)  # under torchrun: rank 0's, broadcast
+    log = common.Log(run_dir)  # silent on ranks > 0
     train_idx, val_idx = common.split_indices(len(showers), args.val_fraction, args.seed)
     if ckpt is None:  # statistics of the training split only
         u = common.energies_to_u(torch.from_numpy(e_inc[train_idx]),  # layer sums first: no copy of the showers

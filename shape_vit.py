@@ -166,11 +166,8 @@ def train(args):
         args = argparse.Namespace(**{**ckpt["config"], **given})
         run_dir = path if path.is_dir() else path.parent
     else:
-        run_dir = [common.make_run_dir(SCRIPT, args.ds, args.out) if rank == 0 else None]
-        if world > 1:
-            torch.distributed.broadcast_object_list(run_dir)
-        run_dir = run_dir[0]
-    log = common.Log(run_dir) if rank == 0 else lambda *msg: None
+        run_dir = common.make_run_dir(SCRIPT, args.ds, args.out)  # under torchrun: rank 0's, broadcast
+    log = common.Log(run_dir)  # silent on ranks > 0
     common.seed_everything(args.seed)
     config = json.loads(json.dumps(vars(args), default=str))  # paths as str, tuples as lists
     vit = json.loads(json.dumps(vars(vit_config(args))))
@@ -326,7 +323,7 @@ def shard_writer(output, n, ds, rank=0, world=1, overwrite=False):
 def merge_shards(output, n, ds, overwrite=False, chunk=1000):
     """After every rank wrote its part, rank 0 joins them in rank order into one CaloChallenge file (no
     shower lost or repeated) and deletes them. Nothing to do in a plain run."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not common.is_distributed():
         return
     output, rank, world = Path(output), torch.distributed.get_rank(), torch.distributed.get_world_size()
     torch.distributed.barrier()

@@ -343,11 +343,8 @@ def train(args):
         history, start, step, nonfinite = ckpt["history"], ckpt["epoch"], ckpt["step"], ckpt["nonfinite"]
         stats = ckpt["stats"]
     else:
-        run_dir = [common.make_run_dir("vae", args.ds, args.out) if rank == 0 else None]
-        if world > 1:
-            torch.distributed.broadcast_object_list(run_dir)
-        run_dir = run_dir[0]
-    log = common.Log(run_dir) if rank == 0 else lambda *msg: None
+        run_dir = common.make_run_dir("vae", args.ds, args.out)  # under torchrun: rank 0's, broadcast
+    log = common.Log(run_dir)  # silent on ranks > 0
     net = vae if world == 1 else torch.nn.parallel.DistributedDataParallel(  # statistics synced by BatchNorm3d
         vae, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     if args.compile:
