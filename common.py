@@ -122,63 +122,64 @@ def open_showers(path, ds):
     return f, n
 
 
-def load_showers(paths, ds, max_showers=None, chunk=None, progress=True):
-    """Read CaloChallenge files as float32, chunk by chunk (never a float64 copy of the whole file; a chunk
-    is at most 64 MB of float64, so the peak RSS is the float32 array plus a fixed ~0.2 GB).
+def count_showers(paths, ds, max_showers=None):
+    """Showers in CaloChallenge files (checked by open_showers), at most max_showers."""
+    n = 0
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        f, k = open_showers(path, ds)
+        f.close()
+        n += k
+    return n if max_showers is None else min(n, max_showers)
 
-    Returns e_inc (N,) and showers (N, n_vox), both float32 MeV; several files are concatenated."""
+
+def iter_showers(paths, ds, max_showers=None, chunk=None, progress=True, nonnegative=True):
+    """The one reader of CaloChallenge files: yields (e_inc (k,), showers (k, n_vox)) float64 chunks of the
+    first max_showers showers, checked (finite, E_inc > 0, and voxels >= 0 unless nonnegative=False). A chunk
+    is at most 64 MB of float64 by default, so nothing but the caller's own arrays grows with the file."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    handles = [open_showers(p, ds) for p in paths]
-    sizes = [n for _, n in handles]
-    total = sum(sizes) if max_showers is None else min(sum(sizes), max_showers)
-    e_inc = np.empty(total, dtype=np.float32)
-    showers = np.empty((total, geometry(ds).n_vox), dtype=np.float32)
+    total, handles, done = count_showers(paths, ds, max_showers), [], 0
     chunk = chunk or max(1, min(5000, 2 ** 26 // (8 * geometry(ds).n_vox)))  # DS2: 1294 rows, DS3: 207
-    bar = tqdm(total=total, desc="loading showers", unit="shower", disable=not progress, leave=False)
-    done = 0
+    bar = tqdm(total=total, desc=f"reading {Path(paths[0]).name}", unit="shower", disable=not progress, leave=False)
     try:
+        handles += [open_showers(p, ds) for p in paths]
         for path, (f, n) in zip(paths, handles):
             for start in range(0, min(n, total - done), chunk):
                 stop = min(start + chunk, n, start + total - done)
-                e = f["incident_energies"][start:stop].reshape(-1)
-                x = f["showers"][start:stop].reshape(stop - start, -1)
+                e = f["incident_energies"][start:stop].reshape(-1).astype(np.float64)
+                x = f["showers"][start:stop].reshape(stop - start, -1).astype(np.float64)
                 if not (np.isfinite(e).all() and np.isfinite(x).all()):
                     raise DataError(f"{path} holds NaN or inf values (showers {start}-{stop})")
-                if (e <= 0).any() or (x < 0).any():
-                    raise DataError(f"{path} holds negative energies (showers {start}-{stop})")
-                e_inc[done:done + stop - start] = e
-                showers[done:done + stop - start] = x
+                if (e <= 0).any() or (nonnegative and (x < 0).any()):
+                    raise DataError(f"{path} holds negative energies or E_inc <= 0 (showers {start}-{stop})")
+                yield e, x
                 done += stop - start
                 bar.update(stop - start)
-            if done >= total:
-                break
     finally:
         bar.close()
         for f, _ in handles:
             f.close()
+
+
+def load_showers(paths, ds, max_showers=None, chunk=None, progress=True):
+    """Read CaloChallenge files as float32 (never a float64 copy of the whole file: the peak RSS is the float32
+    array plus a fixed ~0.2 GB). Returns e_inc (N,) and showers (N, n_vox), float32 MeV; files concatenated."""
+    total = count_showers(paths, ds, max_showers)
+    e_inc, showers, done = np.empty(total, np.float32), np.empty((total, geometry(ds).n_vox), np.float32), 0
+    for e, x in iter_showers(paths, ds, max_showers, chunk, progress):
+        e_inc[done:done + len(e)], showers[done:done + len(e)] = e, x
+        done += len(e)
     return e_inc, showers
 
 
 def load_u(paths, ds, max_showers=None, chunk=1000, progress=True):
     """E_inc (N,) and the 45 u's (N, 45), float64, read chunk by chunk: the voxels are never kept (the energy
     network's training data, and the true u's of a reference file)."""
-    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    e_all, u_all, total = [], [], 0
-    for path in paths:
-        f, n = open_showers(path, ds)
-        with f:
-            n = n if max_showers is None else min(n, max_showers - total)
-            for s in tqdm(range(0, n, chunk), desc=f"reading {Path(path).name}", disable=not progress, leave=False):
-                stop = min(s + chunk, n)
-                e = np.asarray(f["incident_energies"][s:stop], dtype=np.float64).reshape(-1)
-                x = np.asarray(f["showers"][s:stop], dtype=np.float64).reshape(stop - s, -1)
-                if not (np.isfinite(e).all() and np.isfinite(x).all()) or (e <= 0).any() or (x < 0).any():
-                    raise DataError(f"{path} holds NaN, inf or negative energies (showers {s}-{stop})")
-                e_all.append(torch.from_numpy(e))
-                u_all.append(energies_to_u(e_all[-1], layer_energies(torch.from_numpy(x), ds)))
-        total += n
-    if total == 0:
-        raise DataError(f"no showers in {', '.join(map(str, paths))}")
+    e_all, u_all = [], []
+    for e, x in iter_showers(paths, ds, max_showers, chunk, progress):
+        e_all.append(torch.from_numpy(e))
+        u_all.append(energies_to_u(e_all[-1], layer_energies(torch.from_numpy(x), ds)))
+    if not e_all:
+        raise DataError(f"no showers in {', '.join(map(str, [paths] if isinstance(paths, (str, Path)) else paths))}")
     return torch.cat(e_all), torch.cat(u_all)
 
 

@@ -80,49 +80,26 @@ def feature_matrix(f):
                            f["ec_r"] / 1e2, f["width_r"] / 1e2], axis=1)
 
 
-def count_showers(paths, ds, max_showers=None):
-    n = 0
-    for p in paths:
-        f, k = common.open_showers(p, ds)
-        f.close()
-        n += k
-    return n if max_showers is None else min(n, max_showers)
-
-
 def scan(paths, ds, max_showers=None, features=True, low=None, vox_edges=None, progress=True):
-    """One pass over CaloChallenge files in float64 chunks: the 15.15 keV cut, then (optionally) the
-    high-level features, the low-level classifier rows [log10 E_inc, voxels / E_inc] written into the
-    float32 array `low` (its first len(low) showers), and voxel-energy counts on `vox_edges`."""
-    total = count_showers(paths, ds, max_showers)
+    """One pass over CaloChallenge files in float64 chunks (common.iter_showers; negative voxels allowed, the
+    cut removes them): the 15.15 keV cut, then (optionally) the high-level features, the low-level classifier
+    rows [log10 E_inc, voxels / E_inc] written into the float32 array `low` (its first len(low) showers), and
+    voxel-energy counts on `vox_edges`."""
     chunk = max(1, 2 ** 28 // (8 * common.geometry(ds).n_vox))  # ~256 MB of float64 per chunk
-    parts, vmax, done, handles = [], 0.0, 0, []
+    parts, vmax, done = [], 0.0, 0
     counts = None if vox_edges is None else np.zeros(len(vox_edges) - 1, np.int64)
-    bar = tqdm(total=total, desc=f"reading {Path(paths[0]).name}", unit="shower", disable=not progress, leave=False)
-    try:
-        handles += [common.open_showers(p, ds) for p in paths]
-        for path, (f, n) in zip(paths, handles):
-            for start in range(0, min(n, total - done), chunk):
-                stop = min(start + chunk, n, start + total - done)
-                e = f["incident_energies"][start:stop].reshape(-1).astype(np.float64)
-                x = f["showers"][start:stop].reshape(stop - start, -1).astype(np.float64)
-                if not (np.isfinite(e).all() and np.isfinite(x).all()) or (e <= 0).any():
-                    raise common.DataError(f"{path} holds NaN/inf values or non-positive E_inc (showers {start}-{stop})")
-                x[x < MIN_ENERGY] = 0.0
-                vmax = max(vmax, float(x.max()))
-                if features:
-                    parts.append(high_level_features(e, x, ds, threshold=None))
-                if low is not None and done < len(low):
-                    k = min(len(e), len(low) - done)
-                    low[done:done + k, 0] = np.log10(e[:k])
-                    low[done:done + k, 1:] = x[:k] / e[:k, None]
-                if counts is not None:
-                    counts += np.histogram(x, vox_edges)[0]
-                done += len(e)
-                bar.update(len(e))
-    finally:
-        bar.close()
-        for f, _ in handles:
-            f.close()
+    for e, x in common.iter_showers(paths, ds, max_showers, chunk, progress, nonnegative=False):
+        x[x < MIN_ENERGY] = 0.0
+        vmax = max(vmax, float(x.max()))
+        if features:
+            parts.append(high_level_features(e, x, ds, threshold=None))
+        if low is not None and done < len(low):
+            k = min(len(e), len(low) - done)
+            low[done:done + k, 0] = np.log10(e[:k])
+            low[done:done + k, 1:] = x[:k] / e[:k, None]
+        if counts is not None:
+            counts += np.histogram(x, vox_edges)[0]
+        done += len(e)
     feats = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else None
     return {"n": done, "features": feats, "vmax": vmax, "vox_counts": counts}
 
@@ -435,7 +412,7 @@ def evaluate(gen_path, ref_path, ds, modes=("all",), out_dir="eval", seed=0, cls
     refs = [ref_path] if isinstance(ref_path, (str, Path)) else list(ref_path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    n_gen, n_ref = count_showers([gen_path], ds, max_showers), count_showers(refs, ds, max_showers)
+    n_gen, n_ref = common.count_showers([gen_path], ds, max_showers), common.count_showers(refs, ds, max_showers)
     summary = {"config": {"gen": str(gen_path), "ref": [str(r) for r in refs], "ds": ds, "modes": sorted(modes),
                           "n_gen": n_gen, "n_ref": n_ref, "seed": seed, "cls_epochs": cls_epochs,
                           "cls_width": cls_width, "cls_batch_size": cls_batch_size, "cls_lr": cls_lr,

@@ -199,7 +199,7 @@ def test_scan_several_files_and_max_showers(files):
     ref = files / "ref.hdf5"
     one = ev.scan([ref], 2, progress=False)
     two = ev.scan([ref, ref], 2, max_showers=450, progress=False)  # the limit falls inside the second file
-    assert (one["n"], two["n"]) == (300, 450) and ev.count_showers([ref, ref], 2) == 600
+    assert (one["n"], two["n"]) == (300, 450) and common.count_showers([ref, ref], 2) == 600
     assert np.array_equal(two["features"]["e_layer"][300:], one["features"]["e_layer"][:150])
     e, x = fake_showers(300, 2)  # the same showers as ref.hdf5, straight from memory
     assert np.array_equal(one["features"]["ec_x"], ev.high_level_features(e, x, 2)["ec_x"])
