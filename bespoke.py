@@ -13,7 +13,7 @@ Sample with it: python shape_vit.py --sample --solver bespoke --bespoke-ckpt run
 latent_vit.py; in code: shape_vit.generate_showers(..., solve_fn=bespoke_solve_fn(load_bespoke(PATH, ds)))).
 Fig. 9 (AUC vs NFE for Euler, midpoint, RK4, global and local BNS; trains the BNS solvers unless --bespoke):
     python bespoke.py --sweep --ds 2 --like data/dataset_2_2.hdf5 --steps 4 8 16 32 --loss local global
-CPU quick run on the synthetic showers (`python data.py toy --ds 2`, `python shape_vit.py --toy --preset
+CPU quick run on the synthetic showers (`python data/prepare.py toy --ds 2`, `python shape_vit.py --toy --preset
 small`; u's of the real showers; on 2 shared cores the 160-condition reference pool takes 4 min, 100
 iterations of a local n = 8 solver 4.5 min, a sweep of 11 points on 600 showers 21 min):
     python bespoke.py --preset small --energy-ckpt truth --steps 8 --loss local global

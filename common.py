@@ -86,11 +86,11 @@ def _missing_message(path):
     name = Path(path).name
     for ds, (record, train, ref) in ZENODO.items():
         if name in train + ref:
-            return (f"{path} not found: download it with `python data.py download --ds {ds}` (or from "
+            return (f"{path} not found: download it with `python data/prepare.py download --ds {ds}` (or from "
                     f"https://zenodo.org/records/{record}/files/{name}?download=1), or try the synthetic "
-                    f"showers with `python data.py toy --ds {ds}` and --toy")
+                    f"showers with `python data/prepare.py toy --ds {ds}` and --toy")
     if name.startswith("toy_ds"):
-        return f"{path} not found: create the synthetic showers with `python data.py toy --ds {name[6]}`"
+        return f"{path} not found: create the synthetic showers with `python data/prepare.py toy --ds {name[6]}`"
     return f"{path} not found"
 
 

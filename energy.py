@@ -11,7 +11,7 @@ Sampling goes layer by layer: z_i from the prefix (key/value cache), then a 1-D 
     python energy.py --resume runs/energy-ds2-<time> # continue a killed run exactly
     python energy.py --sample --n 100000             # newest run -> runs/<run>/u_samples.hdf5
     python energy.py --sample --like data/dataset_2_2.hdf5 --solver rk4 --steps 50
-    # 2 CPU cores, synthetic showers (`python data.py toy --ds 2`): 17 min, val loss 0.60, u-classifier AUC 0.51
+    # 2 CPU cores, synthetic showers (`python data/prepare.py toy --ds 2`): 17 min, val loss 0.60, u-classifier AUC 0.51
     python energy.py --toy --epochs 12 --batch-size 128 --lr 1e-3 --val-every 2 --ckpt-every 1
     python energy.py --sample --like data/toy_ds2_ref.hdf5 --n 3000 --score            # AUC of sampled vs true u's
     python energy.py --sample --like data/toy_ds2_ref.hdf5 --n 3000 --solver rk4 euler --nfe 20 40   # steps study

@@ -7,7 +7,7 @@ Train (one GPU; the paper presets: DS2 10,711,566 / DS3 10,720,224 trainable par
     python latent_vit.py --ds 2 --vae runs/vae-ds2-<time>         # 800 epochs, batch 128, cosine LR 1e-3
     python latent_vit.py --ds 3 --vae runs/vae-ds3-<time>         # 400 epochs
     python latent_vit.py --resume runs/latent_vit-ds2-<time>      # continue a run exactly where it stopped
-CPU quick run on the synthetic showers (`python data.py toy --ds 2`, a --toy VAE first; about 8 minutes):
+CPU quick run on the synthetic showers (`python data/prepare.py toy --ds 2`, a --toy VAE first; about 8 minutes):
     OMP_NUM_THREADS=1 python latent_vit.py --toy --preset small --max-showers 4000 --epochs 6 --batch-size 64
 Sample (E_inc copied from a reference file or log-uniform; u's from the energy network or the reference):
     python latent_vit.py --sample --ckpt runs/latent_vit-ds2-<time> --energy-ckpt runs/energy-ds2-<time> \

@@ -6,7 +6,7 @@ Train (one GPU; the paper presets: DS2 26,042,688 / DS3 5,868,870 trainable para
     python shape_vit.py --ds 2                      # 800 epochs, batch 64, cosine LR 1e-3
     python shape_vit.py --ds 3 --grad-checkpoint --compile   # 600 epochs, 1350 tokens per shower
     python shape_vit.py --resume runs/shape_vit-ds2-<time>   # continue a run exactly where it stopped
-CPU quick run on the synthetic showers (`python data.py toy --ds 2` first; about 30 min on 2 shared cores,
+CPU quick run on the synthetic showers (`python data/prepare.py toy --ds 2` first; about 30 min on 2 shared cores,
 high-level classifier AUC about 0.72 with the true u's; on a busy CPU one thread is much faster than two):
     OMP_NUM_THREADS=1 python shape_vit.py --toy --preset small
 Sample (E_inc log-uniform, or copied from a reference file; u's from the energy network):

@@ -1,4 +1,4 @@
-"""bench.py: FLOP counts against a hand count, and tiny end-to-end runs of every timing section on CPU."""
+"""tools/bench.py: FLOP counts against a hand count, and tiny end-to-end runs of every timing section on CPU."""
 import json
 
 import torch

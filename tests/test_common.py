@@ -64,7 +64,7 @@ def test_writer_leaves_nothing_on_failure(tmp_path):
 
 
 @pytest.mark.parametrize("problem, match", [
-    ("missing", "not found.*data.py download"), ("nokey", "no 'showers'"), ("ds", "use --ds 3"),
+    ("missing", "not found.*data/prepare.py download"), ("nokey", "no 'showers'"), ("ds", "use --ds 3"),
     ("nan", "NaN"), ("negative", "negative"), ("count", "incident energies"), ("corrupt", "not a readable")])
 def test_loader_errors(tmp_path, problem, match):
     path = tmp_path / "dataset_2_1.hdf5"

@@ -1,4 +1,4 @@
-"""data.py: the toy generator (determinism, format, physics-shaped statistics) and the resumable download."""
+"""data/prepare.py: the toy generator (determinism, format, physics-shaped statistics) and the resumable download."""
 import sys
 from pathlib import Path
 
@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
-import data  # noqa: E402
+from data import prepare as data  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""demo.py: the report writer (stage table, total time, scores, plots) and clear errors; the whole chain runs in
+"""tools/demo.py: the report writer (stage table, total time, scores, plots) and clear errors; the whole chain runs in
 README's measured demo (too long for the suite)."""
 import json
 import subprocess
@@ -38,9 +38,9 @@ def test_report_from_a_finished_chain(tmp_path):
 
 
 def test_real_data_missing_is_one_error_line(tmp_path):
-    proc = subprocess.run([sys.executable, "demo.py", "--real", "--data-dir", str(tmp_path), "--out", str(tmp_path / "d")],
+    proc = subprocess.run([sys.executable, "tools/demo.py", "--real", "--data-dir", str(tmp_path), "--out", str(tmp_path / "d")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "data.py download" in proc.stderr
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "data/prepare.py download" in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and not (tmp_path / "d").exists()  # no demo folder left
 
 

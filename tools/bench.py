@@ -1,10 +1,10 @@
 """Speed and memory of the CaloDREAM networks and sampling chain (paper App. A.3, Table 6; SPEC 2.2-2.5, 4).
 
 Every network is built with random weights by its own script's builder and preset; nothing is trained.
-    python bench.py                                   # everything, on cuda if present (one H100: minutes)
-    python bench.py --quick --device cpu              # 2 CPU cores: ~10 min (batch 10, small shape presets)
-    python bench.py --sections energy --kv-steps 50   # KV cache vs re-running the prefix; sampler vs heads
-    python bench.py --sections memory --memory-n 20000   # peak RSS of loading a synthetic DS3 file
+    python tools/bench.py                                   # everything, on cuda if present (one H100: minutes)
+    python tools/bench.py --quick --device cpu              # 2 CPU cores: ~10 min (batch 10, small shape presets)
+    python tools/bench.py --sections energy --kv-steps 50   # KV cache vs re-running the prefix; sampler vs heads
+    python tools/bench.py --sections memory --memory-n 20000   # peak RSS of loading a synthetic DS3 file
 Sections (--sections, default all) print a table each and rewrite --out (bench.json, a list of rows each):
   forward   one forward pass per network at --forward-batch (100): energy head (and whole energy net),
             ViT and laViT DS2/DS3, VAE (encoder + decoder, and decoder alone) DS2/DS3
@@ -39,14 +39,15 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-import bespoke
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bespoke  # noqa: E402
 import common
 import energy
 import latent_vit
 import shape_vit
 import vae as vae_lib
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]
 SECTIONS = ("forward", "flops", "energy", "sampling", "training", "memory")
 PAPER_MS = {"energy_head": 0.37, "vit_ds2": 17, "vit_ds3": 84, "lavit_ds2": 31, "lavit_ds3": 63}  # H100, batch 100
 QUICK_TRAIN_BATCH = {"energy": 512, "shape_vit": 4, "vae": 4, "latent_vit": 4, "bespoke": 2}  # CPU --quick
@@ -462,7 +463,7 @@ def bench_memory(args, device, res):
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         start = time.time()
-        subprocess.run([sys.executable, str(HERE / "data.py"), "toy", "--ds", "3", "--n", str(args.memory_n),
+        subprocess.run([sys.executable, str(HERE / "data" / "prepare.py"), "toy", "--ds", "3", "--n", str(args.memory_n),
                         "--n-ref", "1", "--out", tmp, "--no-progress"], check=True, cwd=HERE, stdout=subprocess.DEVNULL)
         print(f"wrote {args.memory_n} synthetic DS3 showers in {time.time() - start:.0f} s")
         for mode in ("load_showers", "shape_vit"):

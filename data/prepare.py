@@ -1,9 +1,9 @@
 """Data for the CaloDREAM scripts: synthetic CaloChallenge showers, and the real files from Zenodo.
 
-    python data.py toy --ds 2                # data/toy_ds2_train.hdf5 (20000) + data/toy_ds2_ref.hdf5 (20000)
-    python data.py toy --ds 3                # data/toy_ds3_{train,ref}.hdf5 (5000 + 5000; 40500 voxels each)
-    python data.py download --ds 2           # data/dataset_2_1.hdf5 + dataset_2_2.hdf5 (2.7 GB, MD5-checked)
-    python data.py download --ds 3 --files dataset_3_1.hdf5
+    python data/prepare.py toy --ds 2                # data/toy_ds2_train.hdf5 (20000) + data/toy_ds2_ref.hdf5 (20000)
+    python data/prepare.py toy --ds 3                # data/toy_ds3_{train,ref}.hdf5 (5000 + 5000; 40500 voxels each)
+    python data/prepare.py download --ds 2           # data/dataset_2_1.hdf5 + dataset_2_2.hdf5 (2.7 GB, MD5-checked)
+    python data/prepare.py download --ds 3 --files dataset_3_1.hdf5
 
 The real data (SPEC 1) are electron showers in a W/Si sampling calorimeter: 45 readout layers of
 0.8 X0 each, E_inc log-uniform in [1 GeV, 1 TeV]. The toy showers are made in the same format
@@ -52,7 +52,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-import common
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # common.py lives one folder up
+import common  # noqa: E402
 
 # ----------------------------------------------------------------------------- toy model parameters
 X0_PER_LAYER = 0.8  # radiation lengths of W per readout layer (2 x 1.4 mm W + 2 x 0.3 mm Si)
@@ -209,7 +210,7 @@ def download_file(url, dest, md5, progress=True, chunk=1 << 20, timeout=60):
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     offset = part.stat().st_size if part.exists() else 0
-    headers = {"User-Agent": "calodream-data.py"} | ({"Range": f"bytes={offset}-"} if offset else {})
+    headers = {"User-Agent": "calodream-prepare.py"} | ({"Range": f"bytes={offset}-"} if offset else {})
     try:
         resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as err:

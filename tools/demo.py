@@ -1,10 +1,10 @@
 """The whole CaloDREAM chain in one command, ending in a report (README: "Two commands for a new user").
 
-    python demo.py                       # CPU, synthetic DS2 showers: data -> energy -> shape ViT -> sample
+    python tools/demo.py                       # CPU, synthetic DS2 showers: data -> energy -> shape ViT -> sample
                                          #   -> evaluate -> demo/ds2-toy/report.md (about 14 min on 2 cores)
-    python demo.py --latent --bespoke    # also VAE -> laViT and a bespoke 8-step solver
-    python demo.py --real --ds 2         # the paper's configuration on data/dataset_2_{1,2}.hdf5 (GPU; days)
-    python demo.py --smoke --latent --bespoke --out /tmp/smoke   # tiny settings: checks every stage's wiring
+    python tools/demo.py --latent --bespoke    # also VAE -> laViT and a bespoke 8-step solver
+    python tools/demo.py --real --ds 2         # the paper's configuration on data/dataset_2_{1,2}.hdf5 (GPU; days)
+    python tools/demo.py --smoke --latent --bespoke --out /tmp/smoke   # tiny settings: checks every stage's wiring
 
 Every stage is the stage's own script, run as a subprocess with the flags printed in the report, so the
 report says exactly how to redo any step by hand. A stage whose output exists is skipped: after a kill,
@@ -19,6 +19,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]  # the stage scripts
+sys.path.insert(0, str(ROOT))
 
 # Reduced settings for the synthetic showers on a CPU; --real uses each script's paper defaults instead.
 TOY = {
@@ -105,7 +108,7 @@ class Chain:
             if old:
                 cmd = [resume + ".py", "--resume", old[-1].parent, "--no-progress"] + (
                     ["--device", self.args.device] if self.args.device else [])
-            cmd = [sys.executable] + [str(c) for c in cmd]
+            cmd = [sys.executable, str(ROOT / cmd[0])] + [str(c) for c in cmd[1:]]
             print(f"[demo] {name}: {' '.join(cmd[1:])}", flush=True)
             procs.append((name, cmd, product, time.time(), subprocess.Popen(cmd, env=env)))
         group = stages[0][0]  # stages run side by side count once (the longest) in the total
@@ -117,7 +120,7 @@ class Chain:
                     other.poll() is None and other.kill()
                 sys.exit(f"error: stage {name} failed (command above); fix it and run demo.py again to resume")
             products[name] = product() if callable(product) else Path(product)
-            self.state["stages"][name] = {"cmd": " ".join(["python"] + cmd[1:]), "seconds": time.time() - start,
+            self.state["stages"][name] = {"cmd": " ".join(["python", os.path.relpath(cmd[1], ROOT)] + cmd[2:]), "seconds": time.time() - start,
                                           "group": group,
                                           "cpu_seconds": use.ru_utime + use.ru_stime, "product": str(products[name])}
             self.state_path.write_text(json.dumps(self.state, indent=1))
@@ -138,14 +141,14 @@ def main(argv=None):
         ref = common.data_files(ds, args.data_dir or "data", split="ref")
         for f in ref:
             if not f.exists():
-                sys.exit(f"error: {f} not found: get the real files with `python data.py download --ds {ds}`")
+                sys.exit(f"error: {f} not found: get the real files with `python data/prepare.py download --ds {ds}`")
     chain = Chain(args)
     runs = chain.dir / "runs"
     args.data_dir = args.data_dir or ("data" if args.real else str(chain.dir / "data"))
     data_flags = ["--data-dir", args.data_dir] + ([] if args.real else ["--toy"])
     if not args.real:
         ref = [Path(args.data_dir) / f"toy_ds{ds}_ref.hdf5"]
-        chain.run("data", ["data.py", "toy", "--ds", ds, "--out", args.data_dir, "--seed", args.seed, "--overwrite"]
+        chain.run("data", ["data/prepare.py", "toy", "--ds", ds, "--out", args.data_dir, "--seed", args.seed, "--overwrite"]
                   + chain.flags("data"), ref[0])
     train = chain.common() + data_flags + ["--out", runs]
     energy, shape = chain.run_many([  # independent: side by side
