@@ -183,17 +183,18 @@ def load_u(paths, ds, max_showers=None, chunk=1000, progress=True):
     return torch.cat(e_all), torch.cat(u_all)
 
 
-class ShowerWriter:
-    """Stream showers into a CaloChallenge file: write under a temporary name, rename at the end.
+class H5Writer:
+    """Stream rows into an HDF5 file under a hidden temporary name; it gets its final name only when all n rows
+    are written, so an error or a kill never leaves a half-written file under that name.
 
-        with ShowerWriter("gen.hdf5", n=100000, ds=2) as w:
-            w.write(e_inc_batch, shower_batch)   # MeV, any batch size, in order
+        with H5Writer("cond.hdf5", n, {"incident_energies": (1,), "u": (45,)}, attrs={"ds": 2}) as w:
+            w.write(e_inc_batch, u_batch)        # columns in order, any batch size, non-finite values refused
 
-    float64 and gzip like the official files (the official evaluator's low-level classifier needs
-    float64). An exception or an incomplete file leaves nothing under the final name."""
+    Columns are gzip-compressed, float64 unless dtypes names another type."""
 
-    def __init__(self, path, n, ds, overwrite=False, dtype="float64"):
-        self.path, self.n, self.n_vox, self.dtype = Path(path), int(n), geometry(ds).n_vox, dtype
+    def __init__(self, path, n, columns, attrs=None, overwrite=False, dtypes=None):
+        self.path, self.n, self.columns, self.attrs = Path(path), int(n), dict(columns), dict(attrs or {})
+        self.dtypes = {k: (dtypes or {}).get(k, "float64") for k in self.columns}
         if self.path.exists() and not overwrite:
             raise FileExistsError(f"{self.path} exists; pass --overwrite to replace it")
         self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
@@ -202,35 +203,44 @@ class ShowerWriter:
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.f = h5py.File(self.tmp, "w")
-        rows = max(1, min(self.n, 2 ** 20 // (8 * self.n_vox)))  # ~1 MB chunks
-        self.e = self.f.create_dataset("incident_energies", (self.n, 1), dtype=self.dtype,
-                                       compression="gzip", chunks=(min(self.n, 4096), 1))
-        self.x = self.f.create_dataset("showers", (self.n, self.n_vox), dtype=self.dtype,
-                                       compression="gzip", chunks=(rows, self.n_vox))
+        self.f.attrs.update({k: v for k, v in self.attrs.items() if v is not None})
+        self.sets = []
+        for name, tail in self.columns.items():
+            row = 8 * max(1, math.prod(tail))
+            chunk = (max(1, min(self.n, 2 ** 20 // row)), *tail)  # ~1 MB chunks
+            self.sets.append(self.f.create_dataset(name, (self.n, *tail), dtype=self.dtypes[name],
+                                                   compression="gzip", chunks=chunk))
         return self
 
-    def write(self, e_inc, showers):
-        e_inc = _numpy(e_inc).reshape(-1, 1)
-        showers = _numpy(showers).reshape(len(e_inc), -1)
-        if showers.shape[1] != self.n_vox:
-            raise ValueError(f"showers have {showers.shape[1]} voxels, the file expects {self.n_vox}")
-        if self.done + len(e_inc) > self.n:
-            raise ValueError(f"writing more than the {self.n} showers announced for {self.path}")
-        if not np.isfinite(showers).all():
-            raise ValueError(f"refusing to write NaN/inf showers to {self.path}")
-        self.e[self.done:self.done + len(e_inc)] = e_inc
-        self.x[self.done:self.done + len(e_inc)] = showers
-        self.done += len(e_inc)
+    def write(self, *arrays):
+        arrays = [_numpy(a) for a in arrays]
+        k = len(arrays[0])
+        if self.done + k > self.n:
+            raise ValueError(f"writing more than the {self.n} rows announced for {self.path}")
+        for (name, tail), a, dset in zip(self.columns.items(), arrays, self.sets):
+            a = a.reshape(k, *tail) if a.size == k * math.prod(tail) else a
+            if a.shape != (k, *tail):
+                raise ValueError(f"{name} has shape {a.shape[1:]} per row, {self.path} expects {tail}")
+            if not np.isfinite(a).all():
+                raise ValueError(f"refusing to write NaN/inf {name} to {self.path}")
+            dset[self.done:self.done + k] = a
+        self.done += k
 
     def __exit__(self, exc_type, exc, tb):
         self.f.close()
         if exc_type is not None or self.done != self.n:
             self.tmp.unlink(missing_ok=True)
             if exc_type is None:
-                raise ValueError(f"only {self.done} of {self.n} showers were written; {self.path} not created")
+                raise ValueError(f"only {self.done} of {self.n} rows were written; {self.path} not created")
             return False
         os.replace(self.tmp, self.path)
         return False
+
+
+def ShowerWriter(path, n, ds, overwrite=False, attrs=None):
+    """A CaloChallenge file: incident_energies (N, 1) and showers (N, n_vox) in MeV, float64 and gzip like the
+    official files (the official evaluator's low-level classifier needs float64)."""
+    return H5Writer(path, n, {"incident_energies": (1,), "showers": (geometry(ds).n_vox,)}, attrs, overwrite)
 
 
 def write_showers(path, e_inc, showers, ds, overwrite=False):
@@ -242,6 +252,60 @@ def write_showers(path, e_inc, showers, ds, overwrite=False):
 
 def _numpy(x):
     return x.detach().cpu().double().numpy() if torch.is_tensor(x) else np.asarray(x, dtype=np.float64)
+
+
+# Condition file (energy.py --sample -> shape_vit.py / latent_vit.py / bespoke.py): incident_energies (N, 1) MeV and
+# the 45 physical u's u (N, 45), float64; attributes format, ds, checkpoint, solver, steps, seed.
+CONDITIONS = "calodream-conditions"
+
+
+def write_conditions(path, e_inc, u, ds, overwrite=False, **attrs):
+    with H5Writer(path, len(e_inc), {"incident_energies": (1,), "u": (N_LAYERS,)},
+                  dict(format=CONDITIONS, ds=ds, **attrs), overwrite) as w:
+        w.write(e_inc, u)
+
+
+def read_conditions(path, ds, n=None, progress=False):
+    """E_inc (N,) and physical u's (N, 45), float64 tensors, of the first n rows of a condition file, or of a
+    CaloChallenge file (then the true u's of its showers, read chunk by chunk). Returns (e_inc, u, attrs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} not found")
+    try:
+        with h5py.File(path, "r") as f:
+            kind, attrs = ("u" in f), {k: getattr(v, "item", lambda: v)() for k, v in f.attrs.items()}
+            if kind:
+                if attrs.get("ds", ds) != ds:
+                    raise DataError(f"{path} holds dataset-{attrs['ds']} conditions, but --ds is {ds}")
+                if f["u"].shape[1:] != (N_LAYERS,) or len(f["incident_energies"]) != len(f["u"]):
+                    raise DataError(f"{path}: a condition file holds incident_energies (N, 1) and u (N, 45)")
+                take = len(f["u"]) if n is None else n
+                if take > len(f["u"]):
+                    raise DataError(f"{path} holds {len(f['u'])} conditions, fewer than the {take} asked for")
+                e_inc = f["incident_energies"][:take].reshape(-1).astype(np.float64)
+                u = f["u"][:take].astype(np.float64)
+    except OSError as err:
+        raise DataError(f"{path} is not a readable HDF5 file ({err})") from None
+    except KeyError as err:
+        raise DataError(f"{path} lacks {err}") from None
+    if not kind:  # a CaloChallenge file: its true u's
+        total = count_showers(path, ds)
+        if n is not None and n > total:
+            raise DataError(f"{path} holds {total} showers, fewer than the {n} asked for")
+        e, uu = load_u(path, ds, n, progress=progress)
+        return e, uu, {"source": f"true u's of {path}"}
+    if not (np.isfinite(e_inc).all() and np.isfinite(u).all()) or (e_inc <= 0).any() or (u < 0).any():
+        raise DataError(f"{path} holds NaN/inf, negative u's or E_inc <= 0")
+    return torch.from_numpy(e_inc), torch.from_numpy(u), {"source": str(path), **attrs}
+
+
+def find_newest(pattern, ds, root="runs", what="file"):
+    """The newest path root/pattern (a glob with {ds} filled in); says which it took."""
+    found = sorted(Path(root).glob(pattern.format(ds=ds)), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise DataError(f"no {what} for dataset {ds} under {root}/ ({pattern.format(ds=ds)})")
+    print(f"using the newest {what}: {found[-1]}")
+    return found[-1]
 
 
 def split_indices(n, val_fraction=0.1, seed=0):
