@@ -1,9 +1,22 @@
 """Shared contract of the CaloDREAM scripts (arXiv:2405.09629): everything two stages must agree on.
 
-Sections: geometry (SPEC 1) | CaloChallenge HDF5 I/O | preprocessing and its exact inverse (paper
-Sec. 2, SPEC 2.1) | the 3-D ViT of paper Sec. 3.2 (DiT with adaLN-Zero, SPEC 2.3) | ODE solvers
-(SPEC 2.6) | run plumbing (seeds, devices, run folders, checkpoints). No training loop lives here.
+Sections: geometry (SPEC 1) | files: the CaloChallenge format and the hand-over formats between stages |
+preprocessing and its exact inverse (paper Sec. 2, SPEC 2.1) | the networks every stage must rebuild from a
+checkpoint: the energy transformer (Sec. 3.1, SPEC 2.2) and the 3-D ViT (Sec. 3.2, SPEC 2.3) | ODE solvers,
+including the application of a trained bespoke solver (SPEC 2.5-2.6) | run plumbing (seeds, devices, run folders,
+checkpoints, the optimizer step every training script shares, torchrun). No training loop lives here.
+
+Files the stages hand over (every one written under a hidden temporary name and renamed when complete):
+  CaloChallenge file   incident_energies (N, 1), showers (N, n_vox): MeV, float64, gzip (the official format)
+  condition file       incident_energies (N, 1) MeV, u (N, 45) physical u's; attrs format, ds, checkpoint,
+                       solver, steps, seed (energy.py --sample -> shape_vit.py / latent_vit.py / bespoke.py)
+  latent file          incident_energies, u, and either mu + logvar (vae.py --encode: laViT training data) or z
+                       (latent_vit.py --sample: vae.py --decode input), (N, C, L, A, R) float32; attrs format, ds,
+                       vae_ckpt, vae_step
+  checkpoint ckpt.pt   dict(script, ds, config, model_args, model, optimizer, scheduler, epoch, step, stats,
+                       history, nonfinite, ...): model_args rebuild the network, stats hold its preprocessing
 """
+import argparse
 import contextlib
 import math
 import os
@@ -69,7 +82,7 @@ def geometry(ds):
     return GEOMETRIES[ds]
 
 
-# ----------------------------------------------------------------------------- CaloChallenge HDF5 I/O
+# ----------------------------------------------------------------------------- files
 class DataError(Exception):
     """Bad input data; the message is one sentence naming the file and the problem."""
 
@@ -103,22 +116,20 @@ def open_showers(path, ds):
         f = h5py.File(path, "r")
     except OSError as err:
         raise DataError(f"{path} is not a readable HDF5 file ({err})") from None
-    for key in ("incident_energies", "showers"):
-        if key not in f:
-            f.close()
-            raise DataError(f"{path} has no '{key}' dataset (a CaloChallenge file holds "
-                            f"'incident_energies' and 'showers')")
-    n, n_vox = f["showers"].shape[0], int(np.prod(f["showers"].shape[1:]))
-    if n_vox != geometry(ds).n_vox:
-        other = [d for d, g in GEOMETRIES.items() if g.n_vox == n_vox]
-        hint = f" (that is dataset {other[0]}: use --ds {other[0]})" if other else ""
+    problem = None
+    if any(not isinstance(f.get(k), h5py.Dataset) for k in ("incident_energies", "showers")):
+        problem = f"{path} is not a CaloChallenge file (it needs the datasets 'incident_energies' and 'showers')"
+    else:
+        n, n_vox = f["showers"].shape[0], int(np.prod(f["showers"].shape[1:]))
+        if n_vox != geometry(ds).n_vox:
+            other = [d for d, g in GEOMETRIES.items() if g.n_vox == n_vox]
+            hint = f" (that is dataset {other[0]}: use --ds {other[0]})" if other else ""
+            problem = f"{path} has {n_vox} voxels per shower but --ds {ds} needs {geometry(ds).n_vox}{hint}"
+        elif f["incident_energies"].shape not in ((n, 1), (n,)):
+            problem = f"{path} has incident energies of shape {f['incident_energies'].shape} for {n} showers"
+    if problem:
         f.close()
-        raise DataError(f"{path} has {n_vox} voxels per shower but --ds {ds} needs "
-                        f"{geometry(ds).n_vox}{hint}")
-    n_e = f["incident_energies"].shape[0]
-    if n_e != n:
-        f.close()
-        raise DataError(f"{path} has {n_e} incident energies but {n} showers")
+        raise DataError(problem)
     return f, n
 
 
@@ -134,8 +145,8 @@ def count_showers(paths, ds, max_showers=None):
 
 def iter_showers(paths, ds, max_showers=None, chunk=None, progress=True, nonnegative=True):
     """The one reader of CaloChallenge files: yields (e_inc (k,), showers (k, n_vox)) float64 chunks of the
-    first max_showers showers, checked (finite, E_inc > 0, and voxels >= 0 unless nonnegative=False). A chunk
-    is at most 64 MB of float64 by default, so nothing but the caller's own arrays grows with the file."""
+    first max_showers showers, checked (finite also as float32, E_inc > 0, and voxels >= 0 unless
+    nonnegative=False). A chunk is at most 64 MB of float64, so nothing but the caller's arrays grows with the file."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     total, handles, done = count_showers(paths, ds, max_showers), [], 0
     chunk = chunk or max(1, min(5000, 2 ** 26 // (8 * geometry(ds).n_vox)))  # DS2: 1294 rows, DS3: 207
@@ -145,10 +156,13 @@ def iter_showers(paths, ds, max_showers=None, chunk=None, progress=True, nonnega
         for path, (f, n) in zip(paths, handles):
             for start in range(0, min(n, total - done), chunk):
                 stop = min(start + chunk, n, start + total - done)
-                e = f["incident_energies"][start:stop].reshape(-1).astype(np.float64)
-                x = f["showers"][start:stop].reshape(stop - start, -1).astype(np.float64)
-                if not (np.isfinite(e).all() and np.isfinite(x).all()):
-                    raise DataError(f"{path} holds NaN or inf values (showers {start}-{stop})")
+                try:
+                    e = f["incident_energies"][start:stop].reshape(-1).astype(np.float64)
+                    x = f["showers"][start:stop].reshape(stop - start, -1).astype(np.float64)
+                except OSError as err:  # a damaged chunk inside a valid file
+                    raise DataError(f"{path}: showers {start}-{stop} cannot be read ({err})") from None
+                if not (np.isfinite(e).all() and np.isfinite(x).all() and np.abs(x).max(initial=0) < 3e38):
+                    raise DataError(f"{path} holds NaN, inf or values beyond float32 (showers {start}-{stop})")
                 if (e <= 0).any() or (nonnegative and (x < 0).any()):
                     raise DataError(f"{path} holds negative energies or E_inc <= 0 (showers {start}-{stop})")
                 yield e, x
@@ -203,13 +217,9 @@ class H5Writer:
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.f = h5py.File(self.tmp, "w")
-        self.f.attrs.update({k: v for k, v in self.attrs.items() if v is not None})
-        self.sets = []
-        for name, tail in self.columns.items():
-            row = 8 * max(1, math.prod(tail))
-            chunk = (max(1, min(self.n, 2 ** 20 // row)), *tail)  # ~1 MB chunks
-            self.sets.append(self.f.create_dataset(name, (self.n, *tail), dtype=self.dtypes[name],
-                                                   compression="gzip", chunks=chunk))
+        self.sets = [self.f.create_dataset(name, (self.n, *tail), dtype=self.dtypes[name], compression="gzip",
+                                           chunks=(max(1, min(self.n, 2 ** 17 // max(1, math.prod(tail)))), *tail))
+                     for name, tail in self.columns.items()]  # ~1 MB chunks
         return self
 
     def write(self, *arrays):
@@ -218,15 +228,15 @@ class H5Writer:
         if self.done + k > self.n:
             raise ValueError(f"writing more than the {self.n} rows announced for {self.path}")
         for (name, tail), a, dset in zip(self.columns.items(), arrays, self.sets):
-            a = a.reshape(k, *tail) if a.size == k * math.prod(tail) else a
-            if a.shape != (k, *tail):
+            if a.size != k * math.prod(tail):
                 raise ValueError(f"{name} has shape {a.shape[1:]} per row, {self.path} expects {tail}")
             if not np.isfinite(a).all():
                 raise ValueError(f"refusing to write NaN/inf {name} to {self.path}")
-            dset[self.done:self.done + k] = a
+            dset[self.done:self.done + k] = a.reshape(k, *tail)
         self.done += k
 
-    def __exit__(self, exc_type, exc, tb):
+    def __exit__(self, exc_type, exc, tb):  # attrs may still be added while the writer is open
+        self.f.attrs.update({k: v for k, v in self.attrs.items() if v is not None})
         self.f.close()
         if exc_type is not None or self.done != self.n:
             self.tmp.unlink(missing_ok=True)
@@ -254,30 +264,31 @@ def _numpy(x):
     return x.detach().cpu().double().numpy() if torch.is_tensor(x) else np.asarray(x, dtype=np.float64)
 
 
-# Condition file (energy.py --sample -> shape_vit.py / latent_vit.py / bespoke.py): incident_energies (N, 1) MeV and
-# the 45 physical u's u (N, 45), float64; attributes format, ds, checkpoint, solver, steps, seed.
-CONDITIONS = "calodream-conditions"
-
-
 def write_conditions(path, e_inc, u, ds, overwrite=False, **attrs):
+    """The condition file: incident_energies (N, 1) MeV and u (N, 45) physical u's (float64)."""
     with H5Writer(path, len(e_inc), {"incident_energies": (1,), "u": (N_LAYERS,)},
-                  dict(format=CONDITIONS, ds=ds, **attrs), overwrite) as w:
+                  dict(format="calodream-conditions", ds=ds, **attrs), overwrite) as w:
         w.write(e_inc, u)
 
 
-def read_conditions(path, ds, n=None, progress=False):
+def _attrs(f):
+    return {k: getattr(v, "item", lambda v=v: v)() for k, v in f.attrs.items()}
+
+
+def read_conditions(path, ds, n=None, progress=False, with_u=True):
     """E_inc (N,) and physical u's (N, 45), float64 tensors, of the first n rows of a condition file, or of a
-    CaloChallenge file (then the true u's of its showers, read chunk by chunk). Returns (e_inc, u, attrs)."""
+    CaloChallenge file (then the true u's of its showers, read chunk by chunk; with_u=False: E_inc only, u None).
+    Returns (e_inc, u, attrs)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path} not found")
+        raise DataError(_missing_message(path))
     try:
         with h5py.File(path, "r") as f:
-            kind, attrs = ("u" in f), {k: getattr(v, "item", lambda: v)() for k, v in f.attrs.items()}
-            if kind:
+            is_cond, attrs = isinstance(f.get("u"), h5py.Dataset), _attrs(f)
+            if is_cond:
                 if attrs.get("ds", ds) != ds:
                     raise DataError(f"{path} holds dataset-{attrs['ds']} conditions, but --ds is {ds}")
-                if f["u"].shape[1:] != (N_LAYERS,) or len(f["incident_energies"]) != len(f["u"]):
+                if f["u"].shape[1:] != (N_LAYERS,) or f["incident_energies"].shape[0] != len(f["u"]):
                     raise DataError(f"{path}: a condition file holds incident_energies (N, 1) and u (N, 45)")
                 take = len(f["u"]) if n is None else n
                 if take > len(f["u"]):
@@ -288,22 +299,54 @@ def read_conditions(path, ds, n=None, progress=False):
         raise DataError(f"{path} is not a readable HDF5 file ({err})") from None
     except KeyError as err:
         raise DataError(f"{path} lacks {err}") from None
-    if not kind:  # a CaloChallenge file: its true u's
-        total = count_showers(path, ds)
-        if n is not None and n > total:
-            raise DataError(f"{path} holds {total} showers, fewer than the {n} asked for")
-        e, uu = load_u(path, ds, n, progress=progress)
-        return e, uu, {"source": f"true u's of {path}"}
+    if not is_cond:  # a CaloChallenge file: its true u's
+        if n is not None and n > count_showers(path, ds):
+            raise DataError(f"{path} holds {count_showers(path, ds)} showers, fewer than the {n} asked for")
+        if with_u:
+            e, uu = load_u(path, ds, n, progress=progress)
+            return e, uu, {"source": f"true u's of {path}"}
+        f, total = open_showers(path, ds)
+        with f:
+            e_inc, u = f["incident_energies"][:total if n is None else n].reshape(-1).astype(np.float64), None
+        if not np.isfinite(e_inc).all() or (e_inc <= 0).any():
+            raise DataError(f"{path} holds NaN/inf or non-positive incident energies")
+        return torch.from_numpy(e_inc), None, {"source": str(path)}
     if not (np.isfinite(e_inc).all() and np.isfinite(u).all()) or (e_inc <= 0).any() or (u < 0).any():
         raise DataError(f"{path} holds NaN/inf, negative u's or E_inc <= 0")
     return torch.from_numpy(e_inc), torch.from_numpy(u), {"source": str(path), **attrs}
 
 
-def find_newest(pattern, ds, root="runs", what="file"):
-    """The newest path root/pattern (a glob with {ds} filled in); says which it took."""
-    found = sorted(Path(root).glob(pattern.format(ds=ds)), key=lambda p: p.stat().st_mtime)
+def read_latents(path, ds, n=None):
+    """Every column of the first n rows of a latent file: incident_energies (N,) and u (N, 45) float64, the
+    latents (mu and logvar, or z) float32 numpy arrays; and the file's attributes."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} not found: write latents with `python vae.py --encode` (training data) or "
+                        f"`python latent_vit.py --sample`")
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = _attrs(f)
+            if attrs.get("format") != "calodream-latents" or attrs.get("ds") != ds:
+                raise DataError(f"{path} is not a dataset-{ds} latent file (format {attrs.get('format')!r}, "
+                                f"ds {attrs.get('ds')!r})")
+            take = slice(None) if n is None else slice(0, n)
+            out = {k: f[k][take].astype(np.float64 if k in ("incident_energies", "u") else np.float32) for k in f}
+    except OSError as err:
+        raise DataError(f"{path} is not a readable HDF5 file ({err})") from None
+    missing = {"incident_energies", "u"} - set(out) or ({"mu", "z"} - set(out) if not {"mu", "z"} & set(out) else set())
+    if missing:
+        raise DataError(f"{path} lacks {', '.join(sorted(missing))}")
+    out["incident_energies"] = out["incident_energies"].reshape(-1)
+    if not all(np.isfinite(v).all() for v in out.values()):
+        raise DataError(f"{path} holds NaN or inf values")
+    return out, attrs
+
+
+def find_newest(pattern, root="runs", what="run", hint=""):
+    """The newest path root/pattern (a glob); says which it took."""
+    found = sorted(Path(root).glob(pattern), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise DataError(f"no {what} for dataset {ds} under {root}/ ({pattern.format(ds=ds)})")
+        raise DataError(f"no {what} under {root}/ ({pattern}){hint}")
     print(f"using the newest {what}: {found[-1]}")
     return found[-1]
 
@@ -375,6 +418,16 @@ def standardize(x, stats):
 
 def unstandardize(z, stats):
     return z * stats["std"].to(z.device) + stats["mean"].to(z.device)
+
+
+def u_to_net(u, stats):
+    """Energy network input: the logit of all 45 u's (u_0 included), standardised per feature (float32)."""
+    return standardize(logit(u.double()), stats).float()
+
+
+def net_to_u(z, stats):
+    """Exact inverse of u_to_net (float64); the logit's edges go back to the point masses 0 and 1."""
+    return inverse_logit(unstandardize(z.double(), {k: v.double() for k, v in stats.items()}))
 
 
 def u_features(u):
@@ -456,6 +509,9 @@ class ViTConfig:
     mlp: int = 1920
     depth: int = 6
     cond_dim: int = 46  # [c_E, 45 u's]
+
+    def __post_init__(self):  # a checkpoint's model_args hold lists
+        self.in_shape, self.patch = tuple(self.in_shape), tuple(self.patch)
 
 
 def modulate(x, shift, scale):
@@ -539,6 +595,14 @@ class ViT(nn.Module):
         arg = t.float().reshape(-1, 1) * freqs
         return torch.cat([arg.cos(), arg.sin()], -1)
 
+    def velocity(self, cond):
+        """The ODE right-hand side (x, t) -> v(x, t, cond) for the solvers: t a float or 0-dim tensor, bf16
+        autocast on CUDA, float32 out."""
+        def v(x, t):
+            with autocast(cond.device):
+                return self(x, torch.as_tensor(t, dtype=torch.float32, device=cond.device), cond).float()
+        return v
+
     def forward(self, x, t, cond):
         (p1, p2, p3), (l, a, r) = self.cfg.patch, self.grid
         h = rearrange(x, "b c (l p1) (a p2) (r p3) -> b (l a r) (p1 p2 p3 c)", p1=p1, p2=p2, p3=p3)
@@ -560,17 +624,69 @@ def count_parameters(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def cfm_loss(model, x1, cond, generator=None, share=slice(None)):
-    """Conditional flow matching (paper Eq. 6): x_t = (1-t) x0 + t x1, target velocity x1 - x0. Under DDP
-    x0 and t are drawn for the whole global batch x1 and only this rank's `share` goes through the model."""
-    x0 = torch.randn(x1.shape, generator=generator, device=x1.device)[share]
-    t = torch.rand(x1.shape[0], generator=generator, device=x1.device)[share]
-    x1, cond, tb = x1[share], cond[share], t.reshape(-1, *[1] * (x1.dim() - 1))
-    v = model((1 - tb) * x0 + tb * x1, t, cond)
-    return F.mse_loss(v.float(), x1 - x0)
+def cfm_loss(model, x1, cond, generator=None):
+    """Conditional flow matching (paper Eq. 6): x_t = (1-t) x0 + t x1, target velocity x1 - x0, plain MSE."""
+    x0 = torch.randn(x1.shape, generator=generator, device=x1.device)
+    t = torch.rand(x1.shape[0], generator=generator, device=x1.device)
+    tb = t.reshape(-1, *[1] * (x1.dim() - 1))
+    return F.mse_loss(model((1 - tb) * x0 + tb * x1, t, cond).float(), x1 - x0)
 
 
-# ----------------------------------------------------------------------------- ODE solvers (SPEC 2.6)
+def build_vit(ckpt, device="cpu"):
+    """The frozen ViT (eval mode) of a shape_vit or latent_vit checkpoint."""
+    model = ViT(ViTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- energy transformer (SPEC 2.2)
+class EnergyNet(nn.Module):
+    """Velocity v(x_t, t | u_<i, E_inc) of the 45 u's (paper Sec. 3.1, Table 1). An encoder-decoder transformer
+    (torch.nn.Transformer: post-LN, ReLU, dropout 0) reads the condition token [c_E, 1, 0..] and the
+    teacher-forced tokens [u_{i-1}, one-hot(i), 0..] under a causal mask; its output z_i conditions a dense CFM
+    head shared by all layers. energy.py samples it layer by layer with a key/value cache."""
+
+    def __init__(self, ff=1024, inner=256, layers=4, head_layers=6, dim=64, heads=4, n_freq=32):
+        super().__init__()
+        self.dim = dim
+        self.transformer = nn.Transformer(dim, heads, layers, layers, ff, dropout=0.0, batch_first=True)
+        self.register_buffer("freqs", 30.0 * torch.randn(n_freq))  # frozen Gaussian Fourier frequencies
+        self.t_embed = nn.Linear(2 * n_freq, dim)
+        self.head_in = nn.Linear(1 + dim + dim, inner)  # acts on [x_t, t-emb, z_i]
+        hidden = [m for _ in range(head_layers) for m in (nn.Linear(inner, inner), nn.LayerNorm(inner), nn.SiLU())]
+        self.head = nn.Sequential(nn.SiLU(), *hidden, nn.Linear(inner, 1))
+        positions = torch.zeros(N_LAYERS, dim)
+        positions[torch.arange(N_LAYERS), 1 + torch.arange(N_LAYERS)] = 1  # one-hot(i) of length 46
+        self.register_buffer("positions", positions, persistent=False)
+
+    def condition_token(self, c_e):
+        return F.pad(torch.stack([c_e, torch.ones_like(c_e)], -1), (0, self.dim - 2)).unsqueeze(1)
+
+    def tokens(self, values, start=0):
+        """Decoder tokens [value, one-hot(position), 0..] for positions start.. (B, n) -> (B, n, dim)."""
+        return F.pad(values.unsqueeze(-1), (0, self.dim - 1)) + self.positions[start:start + values.shape[1]]
+
+    def context(self, z, c_e):
+        """Teacher forcing: z_i sees [0, z_0, ..., z_{i-1}] (shifted right) and c_E. (B, n) -> (B, n, dim)."""
+        mask = nn.Transformer.generate_square_subsequent_mask(z.shape[1], device=z.device)
+        return self.transformer(self.condition_token(c_e), self.tokens(F.pad(z[:, :-1], (1, 0))),
+                                tgt_mask=mask, tgt_is_causal=True)
+
+    def time_features(self, t):
+        arg = 2 * math.pi * t.unsqueeze(-1) * self.freqs
+        return torch.cat([arg.sin(), arg.cos()], -1)
+
+    def velocity(self, x_t, t, context):
+        """The CFM head: velocities (B, n) at x_t, t (B, n) given the transformer's output z (B, n, dim)."""
+        emb = self.t_embed(self.time_features(t))
+        return self.head(self.head_in(torch.cat([x_t.unsqueeze(-1), emb, context], -1))).squeeze(-1)
+
+    def forward(self, z, c_e, x_t, t):
+        """Velocities (B, 45) at x_t, t (B, 45) for data z (B, 45) and c_E (B,)."""
+        return self.velocity(x_t, t, self.context(z, c_e))
+
+
+# ----------------------------------------------------------------------------- ODE solvers (SPEC 2.5, 2.6)
 NFE_PER_STEP = {"euler": 1, "midpoint": 2, "rk4": 4}
 
 
@@ -598,7 +714,67 @@ def solve(velocity, x0, steps, method="rk4", t0=0.0, t1=1.0):
     return x, steps * NFE_PER_STEP[method]
 
 
+class BespokeSolver(nn.Module):
+    """n-step non-stationary solver (paper Sec. 3.4): x_{i+1} = a_i x_0 + sum_{j<=i} b_ij u_j, u_j = v(x_j, t_j).
+
+    Learnable, (n^2 + 5n - 2)/2 in all: theta (n - 1), a (n), b (n(n+1)/2, the lower triangle row by row).
+    Times t_i = sum_{k<=i} |theta_k| / sum_{k<=n} |theta_k| with theta_n = 1 held fixed: at init (theta = 1)
+    this is SPEC 2.5's (1/n) sum_{k<=i} |theta_k|, t_n = 1 holds exactly, and fixing theta_n removes the scale
+    that the normalisation makes redundant. a = 1, b = 1/n is Euler with n uniform steps. Trained by bespoke.py."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n = n
+        self.theta = nn.Parameter(torch.ones(n - 1))
+        self.a = nn.Parameter(torch.ones(n))
+        self.b = nn.Parameter(torch.full((n * (n + 1) // 2,), 1.0 / n))
+        self.register_buffer("tril", torch.tril_indices(n, n), persistent=False)
+
+    def times(self):
+        """t_0 = 0, ..., t_n = 1 (n + 1 values, differentiable in theta)."""
+        dt = torch.cat([self.theta.abs(), self.theta.new_ones(1)])
+        t = torch.cumsum(dt, 0) / dt.sum()
+        return torch.cat([t.new_zeros(1), t[:-1], t.new_ones(1)])
+
+    def coefficients(self):
+        """b as an (n, n) lower-triangular matrix."""
+        return torch.zeros(self.n, self.n, device=self.b.device).index_put((self.tril[0], self.tril[1]), self.b)
+
+    def forward(self, velocity, x0):
+        """velocity(x, t) with t a 0-dim tensor (gradients reach the times through it) -> x(1)."""
+        t, b = self.times(), self.coefficients()
+        u, x = [], x0
+        for i in range(self.n):
+            u.append(velocity(x, t[i]))
+            x = self.a[i] * x0 + torch.tensordot(b[i, :i + 1], torch.stack(u), dims=1)  # one kernel, not i + 1
+        return x
+
+
+def make_solver(method, steps, bespoke_ckpt=None, ds=None):
+    """The sampler's ODE solve: (solve(velocity, x0) -> x1, steps, NFE). method 'bespoke' applies the solver of a
+    bespoke.py checkpoint (its own n steps; --steps is ignored); others are common.solve with `steps`."""
+    if method != "bespoke":
+        if steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {steps}")
+        return (lambda velocity, x0: solve(velocity, x0, steps, method)[0]), steps, steps * NFE_PER_STEP[method]
+    if not bespoke_ckpt:
+        raise ValueError("--solver bespoke needs --bespoke-ckpt RUN_OR_CKPT (a bespoke.py run)")
+    ckpt = load_checkpoint(bespoke_ckpt, script="bespoke", ds=ds)
+    solver = BespokeSolver(ckpt["n"])
+    solver.load_state_dict(ckpt["solver"])
+    solver.eval()
+
+    @torch.no_grad()
+    def run(velocity, x0):
+        return solver.to(x0.device)(lambda x, t: velocity(x, float(t)), x0)
+    return run, solver.n, solver.n
+
+
 # ----------------------------------------------------------------------------- run plumbing
+class TrainingError(Exception):
+    """A training run that cannot go on; the message names the checkpoint it leaves behind."""
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -607,12 +783,18 @@ def seed_everything(seed):
 
 
 def pick_device(name=None):
-    """'cuda' when present, else 'cpu'; --device forces one (and fails clearly if absent)."""
+    """'cuda' when present, else 'cpu'; --device forces one (and fails clearly if absent or unknown)."""
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: no CUDA device is visible")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device (cpu, cuda, cuda:1)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is visible")
+    return device
 
 
 def autocast(device):
@@ -620,6 +802,40 @@ def autocast(device):
     if torch.device(device).type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+POSITIVE = ("epochs", "batch_size", "steps", "n", "max_showers", "val_every", "ckpt_every", "stop_after", "dim",
+            "depth", "heads", "mlp", "channels", "pool", "n_val", "iters", "patience", "ref_steps", "micro_batch")
+
+
+def check_args(args):
+    """One check of the numbers on a command line: counts >= 1, rates > 0, fractions in [0, 1)."""
+    for k in POSITIVE:
+        v = getattr(args, k, None)
+        if v is not None and min(np.atleast_1d(v)) < 1:
+            raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {v}")
+    for k in ("lr", "beta", "cut"):
+        if getattr(args, k, None) is not None and not getattr(args, k) > 0:
+            raise ValueError(f"--{k} must be > 0, got {getattr(args, k)}")
+    for k in ("val_fraction", "weight_decay", "clip_grad"):
+        if getattr(args, k, None) is not None and not 0 <= getattr(args, k) < (1 if k == "val_fraction" else math.inf):
+            raise ValueError(f"--{k.replace('_', '-')} must be in [0, {1 if k == 'val_fraction' else 'inf'}), "
+                             f"got {getattr(args, k)}")
+    if getattr(args, "patch", None) is not None and min(args.patch) < 1:
+        raise ValueError(f"--patch must be >= 1 along each axis, got {args.patch}")
+    pick_device(getattr(args, "device", None))
+    return args
+
+
+def to_device(tree, device):
+    """Tensors of a (nested) dict onto device; pinned and asynchronous from the CPU to CUDA."""
+    if isinstance(tree, dict):
+        return {k: to_device(v, device) for k, v in tree.items()}
+    if not torch.is_tensor(tree):
+        return tree
+    if torch.device(device).type == "cuda" and tree.device.type == "cpu":
+        return tree.pin_memory().to(device, non_blocking=True)
+    return tree.to(device)
 
 
 def make_run_dir(script, ds, root="runs"):
@@ -662,17 +878,40 @@ def atomic_write(path, write):
     """write(tmp) to a hidden name beside path, then rename: a killed run never leaves a truncated file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def json_config(args):
+    """The argparse namespace as a JSON-clean dict (paths as str, tuples as lists): the checkpoint's config."""
+    clean = lambda v: str(v) if isinstance(v, Path) else list(map(clean, v)) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    return {k: clean(v) for k, v in vars(args).items()}
 
 
 def save_checkpoint(path, **state):
+    """torch.save under a temporary name, then rename. Refuses weights with NaN or inf: a run never replaces
+    its last good checkpoint with a broken one."""
+    weights = state.get("model", state.get("solver", {}))
+    bad = [k for k, v in weights.items() if torch.is_tensor(v) and not torch.isfinite(v).all()]
+    if bad:
+        raise TrainingError(f"the weights became non-finite ({len(bad)} tensors, e.g. {bad[0]}) at epoch "
+                            f"{state.get('epoch')}; {checkpoint_note(Path(path).parent)}; try a lower --lr")
     atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def checkpoint_note(run_dir):
+    path = Path(run_dir) / "ckpt.pt"
+    if not path.is_file():
+        return f"no checkpoint was written to {run_dir}"
+    return f"the last good checkpoint is {path} (epoch {load_checkpoint(path)['epoch']})"
 
 
 def load_checkpoint(path, script=None, ds=None, map_location="cpu"):
     """Load a checkpoint (a file, or a run folder holding ckpt.pt) with weights_only=True and check
-    that it was written by `script` for dataset `ds`."""
+    that it was written by `script` (one name or a tuple) for dataset `ds`."""
     path = Path(path)
     if path.is_dir():
         path = path / "ckpt.pt"
@@ -681,22 +920,86 @@ def load_checkpoint(path, script=None, ds=None, map_location="cpu"):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated or foreign file
-        raise DataError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from None
-    if script is not None and ckpt.get("script") != script:
-        raise DataError(f"{path} was written by {ckpt.get('script')!r}, but a {script!r} checkpoint is needed")
+        raise DataError(f"{path} is not a readable checkpoint ({str(err).splitlines()[0][:200]})") from None
+    if not isinstance(ckpt, dict) or "script" not in ckpt:
+        raise DataError(f"{path} is not a checkpoint of these scripts")
+    if script is not None and ckpt["script"] not in ((script,) if isinstance(script, str) else script):
+        raise DataError(f"{path} was written by {ckpt['script']!r}, but a {script!r} checkpoint is needed")
     if ds is not None and ckpt.get("ds") != ds:
         raise DataError(f"{path} is a dataset-{ckpt.get('ds')} checkpoint, but --ds is {ds}")
     return ckpt
 
 
 def find_latest_run(script, ds, root="runs"):
-    """Newest runs/<script>-ds<N>-*/ckpt.pt; says which it took."""
-    runs = sorted(Path(root).glob(f"{script}-ds{ds}-*/ckpt.pt"), key=lambda p: p.stat().st_mtime)
-    if not runs:
-        raise DataError(f"no {script} run for dataset {ds} under {root}/: train one with "
-                        f"`python {script}.py --ds {ds}` or pass its checkpoint path")
-    print(f"using the newest {script} run: {runs[-1].parent}")
-    return runs[-1]
+    """Newest <root>/<script>-ds<N>-*/ckpt.pt."""
+    return find_newest(f"{script}-ds{ds}-*/ckpt.pt", root, f"{script} run for dataset {ds}",
+                       f": train one with `python {script}.py --ds {ds}` or pass its checkpoint path")
+
+
+# ----------------------------------------------------------------------------- what every training script shares
+RUNTIME_FLAGS = ("device", "no_progress", "compile", "stop_after", "resume", "out")  # as given on --resume
+
+
+def resume(args, script):
+    """--resume [RUN|CKPT] (bare: the newest run of --ds under --out): (args, ckpt, run folder), where args are
+    the checkpoint's config with RUNTIME_FLAGS as given now. Without --resume: (args, None, None)."""
+    if not args.resume:
+        return args, None, None
+    path = find_latest_run(script, args.ds, args.out).parent if args.resume == "latest" else Path(args.resume)
+    ckpt = load_checkpoint(path, script=script)
+    given = {k: getattr(args, k) for k in RUNTIME_FLAGS if hasattr(args, k)}
+    return argparse.Namespace(**{**ckpt["config"], **given}), ckpt, (path if path.is_dir() else path.parent)
+
+
+def restore(ckpt, model, opt, sched):
+    """Weights, optimizer and schedule of a checkpoint; returns (history, epoch, step, nonfinite)."""
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    return ckpt["history"], ckpt["epoch"], ckpt["step"], ckpt["nonfinite"]
+
+
+def epoch_generators(seed, epoch, rank, device):
+    """All randomness of one epoch, so that --resume continues bit for bit: (a CPU generator for the order of the
+    showers, the same on every rank; a generator on device for noise, t and x0, its own per rank)."""
+    base = seed * 100003 + epoch
+    return torch.Generator().manual_seed(base), torch.Generator(device).manual_seed(base + 7919 * rank)
+
+
+def batch_rows(perm, i, batch_size, rank=0, world=1):
+    """This rank's rows of global batch i of an epoch's order `perm` (batch_size / world each, as DDP averages)."""
+    b = batch_size // world
+    return perm[i * batch_size + rank * b:i * batch_size + (rank + 1) * b]
+
+
+def optimizer_step(model, loss, opt, counts, run_dir, clip=0.0, patience=20):
+    """Backward and one update. A non-finite loss or gradient norm skips the update (the caller's schedule still
+    advances: the LR follows the batch position) and is counted in counts["nonfinite"]; under DDP every rank
+    sees the same averaged gradient, so all skip together. `patience` skips in a row end the run. Returns
+    whether the update was made. clip > 0 clips the gradient norm."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
+    if torch.isfinite(norm):
+        opt.step()
+        counts["in_a_row"] = 0
+        return True
+    counts["nonfinite"], counts["in_a_row"] = counts["nonfinite"] + 1, counts.get("in_a_row", 0) + 1
+    if counts["in_a_row"] >= patience:
+        raise TrainingError(f"{patience} non-finite losses or gradients in a row; {checkpoint_note(run_dir)}; "
+                            f"try a lower --lr")
+    return False
+
+
+def wrap_model(model, device, world, compile=False):
+    """The module the training step calls: DDP under torchrun, torch.compile on CUDA with --compile."""
+    net = model if world == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile and device.type == "cuda":
+        return torch.compile(net)
+    if compile:
+        print("--compile is ignored on the CPU")
+    return net
 
 
 # ----------------------------------------------------------------------------- several processes (torchrun)
@@ -724,17 +1027,6 @@ def get_rank():
     return torch.distributed.get_rank() if is_distributed() else 0
 
 
-def rank_share(n, rank, world):
-    """This rank's contiguous part of a global batch of n, and the loss weight that makes DDP's average of
-    the ranks' gradients equal the gradient of the global batch mean (also when n % world != 0)."""
-    lo, hi = n * rank // world, n * (rank + 1) // world
-    return slice(lo, hi), (hi - lo) * world / n
-
-
-def all_mean(value, device):
-    """Mean of a python float over all ranks (the value itself in a plain run)."""
-    if not is_distributed():
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return t.item() / torch.distributed.get_world_size()
+def destroy_distributed():
+    if is_distributed():
+        torch.distributed.destroy_process_group()

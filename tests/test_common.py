@@ -1,4 +1,5 @@
-"""The shared contract: geometry, file I/O and its errors, preprocessing round trips, ViT, solvers."""
+"""The shared contract: geometry, the file formats and their errors, preprocessing round trips, the two networks,
+solvers (bespoke included), argument checks, checkpoints and the shared optimizer step."""
 import h5py
 import numpy as np
 import pytest
@@ -64,7 +65,7 @@ def test_writer_leaves_nothing_on_failure(tmp_path):
 
 
 @pytest.mark.parametrize("problem, match", [
-    ("missing", "not found.*data/prepare.py download"), ("nokey", "no 'showers'"), ("ds", "use --ds 3"),
+    ("missing", "not found.*data/prepare.py download"), ("nokey", "not a CaloChallenge file"), ("ds", "use --ds 3"),
     ("nan", "NaN"), ("negative", "negative"), ("count", "incident energies"), ("corrupt", "not a readable")])
 def test_loader_errors(tmp_path, problem, match):
     path = tmp_path / "dataset_2_1.hdf5"
@@ -154,6 +155,36 @@ def test_vit_zero_at_init_and_learns():
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5])
 
 
+# ----------------------------------------------------------------------------- energy transformer
+PAPER, CHALLENGE = dict(ff=1024, inner=256, layers=4, head_layers=6), dict(ff=512, inner=512, layers=4, head_layers=6)
+
+
+def test_energy_parameter_counts():
+    paper, challenge = C.EnergyNet(**PAPER), C.EnergyNet(**CHALLENGE)
+    assert C.count_parameters(paper) == 1_695_297  # paper Table 1
+    assert C.count_parameters(challenge) == 2_384_705  # CaloChallenge submission
+    assert paper.freqs.shape == (32,) and not paper.freqs.requires_grad  # frozen, not counted
+    assert "freqs" in paper.state_dict()  # but saved: the sampler needs the same frequencies
+
+
+def test_energy_net_is_the_torch_transformer_and_causal():
+    model = C.EnergyNet(ff=64, inner=32, layers=2, head_layers=1).eval()
+    ref = torch.nn.Transformer(64, 4, 2, 2, 64, dropout=0.0, batch_first=True).eval()
+    ref.load_state_dict(model.transformer.state_dict())
+    c_e, z = torch.rand(5), torch.randn(5, 45)
+    tgt = torch.nn.functional.pad(torch.nn.functional.pad(z[:, :-1], (1, 0)).unsqueeze(-1), (0, 63)) + model.positions
+    src = torch.nn.functional.pad(torch.stack([c_e, torch.ones(5)], -1), (0, 62)).unsqueeze(1)
+    with torch.no_grad():
+        expected = ref(src, tgt, tgt_mask=ref.generate_square_subsequent_mask(45), tgt_is_causal=True)
+        torch.testing.assert_close(model.context(z, c_e), expected, atol=1e-5, rtol=1e-5)
+        assert model(z, c_e, torch.randn(5, 45), torch.rand(5, 45)).shape == (5, 45)
+        z2 = z.clone()
+        z2[:, 10] += 1.0
+        diff = (model.context(z2, c_e) - model.context(z, c_e)).abs().amax((0, 2))
+    assert (diff[:11] == 0).all() and (diff[11:] > 0).all()  # z_i depends on u_0..u_{i-1} only
+    assert model.positions.sum(0)[1:46].tolist() == [1.0] * 45  # one-hot(i) in columns 1..45 of 46
+
+
 # ----------------------------------------------------------------------------- solvers
 @pytest.mark.parametrize("method, order", [("euler", 1), ("midpoint", 2), ("rk4", 4)])
 def test_solver_order(method, order):
@@ -164,6 +195,37 @@ def test_solver_order(method, order):
     errs = [abs(C.solve(f, x0, n, method)[0].item() - exact(1.0)) for n in (8, 16)]
     assert abs(np.log2(errs[0] / errs[1]) - order) < 0.3
     assert C.solve(f, x0, 8, method)[1] == 8 * C.NFE_PER_STEP[method]
+
+
+@pytest.mark.parametrize("n, expected", [(4, 17), (8, 51), (16, 167)])
+def test_bespoke_parameter_count_and_euler_at_init(n, expected):
+    solver = C.BespokeSolver(n)
+    assert C.count_parameters(solver) == expected == (n * n + 5 * n - 2) // 2
+    times = solver.times()
+    assert torch.allclose(times, torch.linspace(0, 1, n + 1)) and times[-1] == 1
+    f = lambda x, t: -2 * x + t  # noqa: E731
+    x0 = torch.randn(3, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(solver(f, x0), C.solve(f, x0, n, "euler")[0])
+
+
+def test_make_solver(tmp_path):
+    f = lambda x, t: -2 * x + t  # noqa: E731
+    x0 = torch.randn(4)
+    solve, steps, nfe = C.make_solver("rk4", 5)
+    assert (steps, nfe) == (5, 20) and torch.equal(solve(f, x0), C.solve(f, x0, 5, "rk4")[0])
+    solver = C.BespokeSolver(3)
+    with torch.no_grad():
+        solver.a.mul_(0.9)
+    C.save_checkpoint(tmp_path / "bns.pt", script="bespoke", ds=2, n=3, loss="local", solver=solver.state_dict())
+    solve, steps, nfe = C.make_solver("bespoke", 20, tmp_path / "bns.pt", ds=2)
+    assert (steps, nfe) == (3, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(solve(f, x0), solver(f, x0))
+    with pytest.raises(ValueError, match="--bespoke-ckpt"):
+        C.make_solver("bespoke", 3)
+    with pytest.raises(C.DataError, match="dataset-2"):
+        C.make_solver("bespoke", 3, tmp_path / "bns.pt", ds=3)
 
 
 # ----------------------------------------------------------------------------- plumbing
@@ -183,12 +245,69 @@ def test_checkpoint_and_runs(tmp_path):
         C.load_checkpoint(tmp_path / "bad.pt")
 
 
-def test_rank_share_partitions_and_weights():
-    for n, world in [(64, 2), (63, 2), (10, 3)]:
-        parts = [C.rank_share(n, r, world) for r in range(world)]
-        idx = [i for s, _ in parts for i in range(n)[s]]
-        assert idx == list(range(n))
-        # DDP averages per-rank means weighted like this -> exactly the global mean
-        x = np.arange(n, dtype=float) ** 2
-        assert np.isclose(np.mean([x[s].mean() * w for s, w in parts]), x.mean())
+def test_batch_rows_share_each_batch_between_ranks():
+    perm = np.random.default_rng(0).permutation(100)
+    for world in (1, 2, 4):
+        rows = [C.batch_rows(perm, 3, 20, r, world) for r in range(world)]
+        assert np.array_equal(np.concatenate(rows), perm[60:80])  # every row of batch 3 once
     assert C.init_distributed("cpu") == (0, 1, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("flags, words", [
+    (dict(epochs=0), "--epochs must be >= 1"), (dict(steps=[4, 0]), "--steps must be >= 1"),
+    (dict(batch_size=-5), "--batch-size"), (dict(val_fraction=-0.5), "--val-fraction"),
+    (dict(val_fraction=1.0), "--val-fraction"), (dict(lr=0.0), "--lr must be > 0"),
+    (dict(device="gpu"), "not a device"), (dict(device="meta"), "only cpu and cuda"),
+    (dict(patch=[3, 0, 1]), "--patch"), (dict(clip_grad=-1.0), "--clip-grad")])
+def test_check_args_refuses_bad_numbers(flags, words):
+    import argparse
+    with pytest.raises(ValueError, match=words):
+        C.check_args(argparse.Namespace(**flags))
+    assert C.check_args(argparse.Namespace(epochs=1, val_fraction=0.0, lr=1e-3, steps=[1]))
+
+
+def test_optimizer_step_skips_nonfinite_and_gives_up(tmp_path):
+    model = torch.nn.Linear(3, 1)
+    opt, counts = torch.optim.SGD(model.parameters(), lr=0.1), {"nonfinite": 0}
+    before = model.weight.detach().clone()
+    assert not C.optimizer_step(model, model(torch.ones(2, 3)).sum() * float("nan"), opt, counts, tmp_path)
+    assert torch.equal(model.weight, before) and counts["nonfinite"] == 1  # no update
+    assert C.optimizer_step(model, model(torch.ones(2, 3)).sum(), opt, counts, tmp_path)
+    assert not torch.equal(model.weight, before) and counts["in_a_row"] == 0
+    with pytest.raises(C.TrainingError, match="3 non-finite .* no checkpoint was written"):
+        for _ in range(3):
+            C.optimizer_step(model, model(torch.ones(1, 3)).sum() * float("inf"), opt, counts, tmp_path, patience=3)
+
+
+def test_save_checkpoint_refuses_nonfinite_weights(tmp_path):
+    C.save_checkpoint(tmp_path / "ckpt.pt", script="energy", ds=2, epoch=1, model={"w": torch.ones(2)})
+    with pytest.raises(C.TrainingError, match="non-finite.*epoch 2.*last good checkpoint .* \\(epoch 1\\)"):
+        C.save_checkpoint(tmp_path / "ckpt.pt", script="energy", ds=2, epoch=2, model={"w": torch.tensor([1, np.nan])})
+    assert C.load_checkpoint(tmp_path)["epoch"] == 1 and list(tmp_path.iterdir()) == [tmp_path / "ckpt.pt"]
+
+
+def test_condition_and_latent_files(tmp_path, toy_ds2):
+    e, u = torch.rand(5) * 1e4 + 1e3, torch.rand(5, 45, dtype=torch.float64)
+    C.write_conditions(tmp_path / "c.hdf5", e, u, 2, checkpoint="x", steps=3)
+    e2, u2, attrs = C.read_conditions(tmp_path / "c.hdf5", 2, n=4)
+    assert torch.equal(u2, u[:4]) and attrs["steps"] == 3 and attrs["format"] == "calodream-conditions"
+    with pytest.raises(C.DataError, match="dataset-2 conditions"):
+        C.read_conditions(tmp_path / "c.hdf5", 3)
+    with pytest.raises(C.DataError, match="fewer than the 9"):
+        C.read_conditions(tmp_path / "c.hdf5", 2, n=9)
+    e3, u3, _ = C.read_conditions(toy_ds2 / "toy_ds2_ref.hdf5", 2, n=6)  # a CaloChallenge file: its true u's
+    torch.testing.assert_close(u3, C.load_u(toy_ds2 / "toy_ds2_ref.hdf5", 2, 6, progress=False)[1])
+    assert C.read_conditions(toy_ds2 / "toy_ds2_ref.hdf5", 2, n=6, with_u=False)[1] is None
+    cols = {"incident_energies": (1,), "u": (45,), "z": (2, 3, 1, 1)}
+    with C.H5Writer(tmp_path / "z.hdf5", 5, cols, dict(format="calodream-latents", ds=2), dtypes={"z": "float32"}) as w:
+        w.write(e, u, torch.randn(5, 2, 3, 1, 1))
+        w.attrs["seconds"] = 1.5  # attributes may be added until the file is closed
+    data, attrs = C.read_latents(tmp_path / "z.hdf5", 2)
+    assert data["z"].shape == (5, 2, 3, 1, 1) and data["incident_energies"].shape == (5,) and attrs["seconds"] == 1.5
+    with pytest.raises(C.DataError, match="not a dataset-3 latent file"):
+        C.read_latents(tmp_path / "z.hdf5", 3)
+    with pytest.raises(C.DataError, match="not a dataset-2 latent file"):
+        C.read_latents(tmp_path / "c.hdf5", 2)
+    with pytest.raises(ValueError, match="NaN/inf u"):
+        C.write_conditions(tmp_path / "bad.hdf5", e, u * float("nan"), 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.hdf5", "z.hdf5"]  # nothing half-written

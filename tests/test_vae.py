@@ -1,51 +1,38 @@
-"""vae.py: exact parameter counts, shapes, tiny training, exact resume, reconstruction file, normalised cut."""
+"""vae.py: parameter counts, shapes, training, exact resume, the latent file it writes, decoding and the cut."""
+import h5py
 import numpy as np
 import pytest
 import torch
 
 import common as C
 import vae as V
-
-TINY = ["--channels", "2", "--batch-size", "8", "--max-showers", "24", "--val-fraction", "0.25", "--no-progress"]
-
-
-def _tiny_args(toy_ds2, out, *extra):
-    return ["--files", str(toy_ds2 / "toy_ds2_train.hdf5"), "--out", str(out), *TINY, *extra]
-
-
-@pytest.fixture(scope="module")
-def vae_run(toy_ds2, tmp_path_factory):
-    return V.main(_tiny_args(toy_ds2, tmp_path_factory.mktemp("vae_runs"), "--epochs", "1"))
+from conftest import QUIET
 
 
 def test_parameter_counts_match_spec():
-    assert C.count_parameters(V.VAE(2)) == 901_093
-    assert C.count_parameters(V.VAE(3)) == 1_103_845
+    assert C.count_parameters(V.VAE(**V.model_args_for(2, 64))) == 901_093
+    assert C.count_parameters(V.VAE(**V.model_args_for(3, 64))) == 1_103_845
 
 
 @pytest.mark.parametrize("ds", [2, 3])
 def test_latent_and_decoder_shapes(ds):
     torch.manual_seed(0)
-    model = V.VAE(ds, channels=4).eval()
-    frac = torch.rand(2, 1, *C.geometry(ds).shape)
-    cond = torch.randn(2, 46)
+    model = V.VAE(**V.model_args_for(ds, 4)).eval()
+    frac, cond = torch.rand(2, 1, *C.geometry(ds).shape), torch.randn(2, 46)
     mu, logvar = model.encode(frac, cond)
     assert mu.shape == logvar.shape == (2, *V.PRESETS[ds]["latent"])
     out = model.decode(mu, cond)
-    assert out.shape == frac.shape  # the decoder returns exactly the input grid
-    assert ((out > 0) & (out < 1)).all()
+    assert out.shape == frac.shape and ((out > 0) & (out < 1)).all()  # the input grid, in (0, 1)
     assert model.encode(frac[:, 0], cond)[0].shape == mu.shape  # (B, 45, A, R) is accepted too
 
 
-def test_tiny_training_lowers_the_loss(toy_ds2):
+def test_training_lowers_the_loss(toy_ds2, chain):
     e_inc, showers = C.load_showers(toy_ds2 / "toy_ds2_train.hdf5", 2, max_showers=8, progress=False)
     u = C.energies_to_u(torch.from_numpy(e_inc), C.layer_energies(torch.from_numpy(showers), 2))
-    frac, cond, _ = V.batch_inputs(e_inc, showers, 2, C.fit_standardizer(C.u_features(u)), "cpu")
+    frac, cond, _, _ = V.batch_inputs(e_inc, showers, 2, C.fit_standardizer(C.u_features(u)), "cpu")
     torch.manual_seed(0)
-    model = V.VAE(2, channels=4)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    gen = torch.Generator().manual_seed(0)
-    losses = []
+    model = V.VAE(**V.model_args_for(2, 4))
+    opt, gen, losses = torch.optim.Adam(model.parameters(), lr=1e-2), torch.Generator().manual_seed(0), []
     for _ in range(10):
         loss, bce = V.vae_loss(model, frac, cond, beta=1e-5, generator=gen)
         opt.zero_grad()
@@ -53,36 +40,50 @@ def test_tiny_training_lowers_the_loss(toy_ds2):
         opt.step()
         losses.append(loss.item())
     assert np.isfinite(losses).all() and losses[-1] < 0.95 * losses[0]
+    ckpt = C.load_checkpoint(chain["vae"], "vae", 2)
+    assert ckpt["cut"] is not None and ckpt["model_args"]["channels"] == 2  # calibrated at the end of training
 
 
-def test_resume_gives_identical_weights(toy_ds2, tmp_path):
-    full = V.main(_tiny_args(toy_ds2, tmp_path / "a", "--epochs", "2"))
-    part = V.main(_tiny_args(toy_ds2, tmp_path / "b", "--epochs", "2", "--stop-after", "1"))
+def test_resume_gives_identical_weights(toy_ds2, tmp_path, chain):
+    argv = ["--files", str(toy_ds2 / "toy_ds2_train.hdf5"), "--max-showers", "64", "--channels", "2",
+            "--batch-size", "16", "--epochs", "2", "--out", str(tmp_path), *QUIET]
+    part = V.main(argv + ["--stop-after", "1"])
     assert C.load_checkpoint(part, "vae", 2)["epoch"] == 1
-    V.main(["--resume", str(part), "--no-progress"])
-    a, b = C.load_checkpoint(full, "vae", 2), C.load_checkpoint(part, "vae", 2)
-    assert a["epoch"] == b["epoch"] == 2
+    V.main(["--resume", str(part), *QUIET])
+    a, b = C.load_checkpoint(chain["vae"], "vae", 2), C.load_checkpoint(part, "vae", 2)
+    assert a["epoch"] == b["epoch"] == 2 and a["cut"] == b["cut"] and a["history"] == b["history"]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    assert a["history"]["train_loss"] == b["history"]["train_loss"]
 
 
-def test_reconstruct_writes_a_valid_file(vae_run, toy_ds2, tmp_path):
-    ref = toy_ds2 / "toy_ds2_ref.hdf5"
-    out = V.main(["--reconstruct", "--ckpt", str(vae_run), "--like", str(ref), "--n", "20", "--batch-size", "8",
-                  "--cut", "1e-5", "--output", str(tmp_path / "rec.hdf5"), "--no-progress"])
-    e_rec, x_rec = C.load_showers(out, 2, progress=False)
-    e_ref, x_ref = C.load_showers(ref, 2, max_showers=20, progress=False)
-    assert x_rec.shape == (20, 6480) and np.array_equal(e_rec, e_ref)
-    assert (x_rec >= 0).all() and ((x_rec == 0) | (x_rec >= C.MIN_ENERGY)).all()
-    # per-layer renormalisation: every layer keeps its energy (up to what the 15.15 keV cut removes)
-    l_rec, l_ref = x_rec.reshape(20, 45, -1).sum(-1), x_ref.reshape(20, 45, -1).sum(-1)
-    assert (l_rec <= l_ref * (1 + 1e-5) + 1e-6).all()
-    assert np.allclose(l_rec.sum(1), l_ref.sum(1), rtol=0.05)
-    vae, ckpt = V.load_vae(vae_run, 2)
-    assert not vae.training and ckpt["cut"] is not None  # calibrated at the end of training
+def test_latent_file_and_decode(chain, toy_ds2, tmp_path):
+    data, attrs = C.read_latents(chain["latents"], 2)
+    assert data["mu"].shape == data["logvar"].shape == (800, 2, 15, 9, 9) and data["u"].shape == (800, 45)
+    ckpt = C.load_checkpoint(chain["vae"])
+    assert attrs["vae_ckpt"] == str(chain["vae"]) and attrs["vae_step"] == ckpt["step"]
+    e_ref, u_ref = C.load_u(toy_ds2 / "toy_ds2_train.hdf5", 2, progress=False)
+    np.testing.assert_allclose(data["u"], u_ref.numpy())
+    # decoding the posterior means equals --reconstruct of the same showers
+    out = V.main(["--decode", str(chain["latents"]), "--n", "20", "--output", str(tmp_path / "dec.hdf5"), *QUIET])
+    rec = V.main(["--reconstruct", "--ckpt", str(chain["vae"]), "--like", str(toy_ds2 / "toy_ds2_train.hdf5"),
+                  "--n", "20", "--output", str(tmp_path / "rec.hdf5"), *QUIET])
+    (e_dec, x_dec), (e_rec, x_rec) = C.load_showers(out, 2, progress=False), C.load_showers(rec, 2, progress=False)
+    np.testing.assert_array_equal(e_dec, e_rec)
+    np.testing.assert_allclose(x_dec, x_rec, rtol=1e-4, atol=1e-6)
+    layers = x_rec.reshape(20, 45, -1).sum(-1)  # every layer keeps its energy, less the 15.15 keV cut
+    want = C.u_to_energies(e_ref[:20], u_ref[:20]).numpy()
+    assert (layers <= want * (1 + 1e-5) + 1e-6).all() and np.allclose(layers.sum(1), want.sum(1), rtol=0.05)
     with pytest.raises(FileExistsError):
-        V.main(["--reconstruct", "--ckpt", str(vae_run), "--like", str(ref), "--n", "4", "--output", str(out)])
+        V.main(["--decode", str(chain["latents"]), "--output", str(out), *QUIET])
+
+
+def test_decode_refuses_a_vae_in_another_state(chain, tmp_path):
+    with h5py.File(chain["latents"]) as f, h5py.File(tmp_path / "lat.hdf5", "w") as g:
+        for k in ("incident_energies", "u", "mu"):
+            g[k] = f[k][:4]
+        g.attrs.update({**f.attrs, "vae_step": 12345})
+    with pytest.raises(C.DataError, match="at step 12345"):
+        V.main(["--decode", str(tmp_path / "lat.hdf5"), *QUIET])
 
 
 def test_normalised_cut_restores_exact_zeros():
@@ -94,7 +95,6 @@ def test_normalised_cut_restores_exact_zeros():
     norm = frac / frac.sum((-2, -1), keepdim=True)
     assert (x[norm < 1e-3] == 0).all() and (x[norm >= 1e-3] > 0).all()
     assert torch.allclose(x.sum((-2, -1)), layer_e.double())  # renormalised after the cut
-    x_none = V.decoded_to_showers(frac, layer_e, cut=0.0)
-    assert (x_none > 0).all()  # without the cut no voxel is empty
+    assert (V.decoded_to_showers(frac, layer_e, cut=0.0) > 0).all()  # without the cut no voxel is empty
     x_all = V.decoded_to_showers(frac, layer_e, cut=0.9).reshape(3, 45, -1)  # above every fraction:
-    assert ((x_all > 0).sum(-1) == 1).all() and torch.allclose(x_all.sum(-1), layer_e.double())  # max stays
+    assert ((x_all > 0).sum(-1) == 1).all() and torch.allclose(x_all.sum(-1), layer_e.double())  # the max stays

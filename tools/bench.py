@@ -171,7 +171,7 @@ def build_vit(kind, ds, device, preset="paper"):
 
 
 def build_vae(ds, device):
-    return jitter(vae_lib.VAE(ds)).to(device).eval()  # float32 as vae.py runs it: no autocast
+    return jitter(vae_lib.VAE(**vae_lib.model_args_for(ds, 64))).to(device).eval()  # float32 as vae.py runs it: no autocast
 
 
 def vit_inputs(model, batch, device):
@@ -191,11 +191,21 @@ def shape_stats(ds, device):
 
 
 def energy_checkpoint(folder, ds):
-    """A random-weight energy checkpoint (paper preset), so the chain API load_energy_sampler can load it."""
+    """A random-weight energy checkpoint (paper preset), as energy.load_model reads it."""
     path = Path(folder) / f"energy-ds{ds}.pt"
     common.save_checkpoint(path, script="energy", ds=ds, config={"preset": "paper"}, stats=unit(L, "cpu"),
-                           model=energy.build_model({"preset": "paper"}).state_dict())
+                           model_args=energy.PRESETS["paper"], model=paper_energy_net().state_dict())
     return path
+
+
+def paper_energy_net():
+    return common.EnergyNet(**energy.PRESETS["paper"])
+
+
+def energy_sampler(ckpt, ds, device, solver, steps, cache=True):
+    """u = sampler(e_inc): energy.py's sampler at fixed settings."""
+    model, c = energy.load_model(ckpt, ds, device)
+    return lambda e_inc: energy.sample_u(model, c["stats"], e_inc, device, solver, steps, 10 ** 9, cache, progress=False)
 
 
 def raw_batch(ds, n, seed=0):
@@ -235,7 +245,7 @@ def vit_call(m, batch, device):
 
 def bench_forward(args, device, res):
     rand, bs, rows = functools.partial(torch.randn, device=device), args.forward_batch, []
-    net = energy.build_model({"preset": "paper"}).to(device).eval()
+    net = paper_energy_net().to(device).eval()
     head = lambda x: net.head(net.head_in(x))  # noqa: E731  the CFM head on [x_t, t-emb, z_i] (129)
     unif = functools.partial(torch.rand, device=device)
     items = {"energy_head": (n_params(net.head_in, net.head), False, lambda b: (head, rand(b, 129))),
@@ -284,23 +294,22 @@ def bench_energy(args, device, res):
     the full CFM head alone (no transformer, no solver), at the same batch."""
     bs, solver, steps, tmp = args.kv_batch, args.kv_solver, args.kv_steps, tempfile.TemporaryDirectory()
     ckpt = energy_checkpoint(tmp.name, 2)  # the energy network is the same for both datasets
-    samplers = [energy.load_energy_sampler(ckpt, 2, device, solver, steps, bs, cache=cache, progress=False)
-                for cache in (True, False)]
-    net, nfe = samplers[0].model, steps * common.NFE_PER_STEP[solver]
+    samplers = [energy_sampler(ckpt, 2, device, solver, steps, cache=cache) for cache in (True, False)]
+    net, nfe = energy.load_model(ckpt, 2, device)[0], steps * common.NFE_PER_STEP[solver]
     e_inc = common.sample_e_inc(bs, torch.Generator().manual_seed(args.seed))
     c_e = common.energy_condition(e_inc).float().to(device)
     u = {}  # the last output of each sampler
 
     def sample(cache):
-        u[cache] = samplers[1 - cache](e_inc, generator=torch.Generator().manual_seed(args.seed))
+        u[cache] = samplers[1 - cache](e_inc)
 
     @torch.no_grad()
     def decoder(cache):  # sample_z without the ODEs: z_i of the 45 layers, each from its prefix
-        z, memory = torch.zeros(bs, L, device=device), net.encode(c_e)
-        caches = [dict(self={}, cross={}) for _ in net.transformer["decoder"]["layers"]]
+        z, memory = torch.zeros(bs, L, device=device), net.transformer.encoder(net.condition_token(c_e))
+        caches = [dict(self={}, cross={}) for _ in net.transformer.decoder.layers]
         for i in range(L):
             if cache:
-                net.decode(z[:, i - 1:i] if i else z[:, :1], memory, start=i, caches=caches)
+                energy.decode_step(net, net.tokens(z[:, i - 1:i] if i else z[:, :1], start=i), memory, caches)
             else:
                 net.context(z[:, :i + 1], c_e)
 
@@ -336,16 +345,19 @@ def bench_sampling(args, device, res):
         vit, lavit = build_vit("vit", ds, device, args.preset), build_vit("lavit", ds, device, args.preset)
         decoder = build_vae(ds, device)
         stats, ckpt = shape_stats(ds, device), energy_checkpoint(tmp.name, ds)
-        shape = {"vit": lambda e, u, solver, k, bs, gen, fn: shape_vit.generate_showers(
-                     vit, stats, e, u, ds, solver, k, bs, gen, solve_fn=fn),
-                 "lavit": lambda e, u, solver, k, bs, gen, fn: latent_vit.generate_showers(
-                     lavit, decoder, stats, stats, e, u, ds, vae_lib.DEFAULT_CUT, solver, k, bs, gen)}
+        def lavit_chain(e, u, solve, gen):  # latent ODE, then the VAE decoder (vae.py --decode)
+            z = latent_vit.generate(lavit, stats, e, u, solve, gen).to(device)
+            frac = decoder.decode(z, common.shape_condition(e.to(device), u.to(device), stats["cond"]))
+            return vae_lib.decoded_to_showers(frac, common.u_to_energies(e.to(device), u.to(device)), 1e-4).cpu()
+        shape = {"vit": lambda e, u, solve, gen: shape_vit.generate(vit, stats, e, u, ds, solve, gen),
+                 "lavit": lavit_chain}
         for solver in args.solvers:
             e_solver = "rk4" if solver == "bespoke" else solver
-            sampler = energy.load_energy_sampler(ckpt, ds, device, e_solver, args.energy_steps, max(args.batch_sizes),
-                                                 progress=False)
-            bns = solver == "bespoke"  # an untrained n-step BNS solver (= Euler) through bespoke.py's solve_fn
-            solve_fn = bespoke.bespoke_solve_fn(bespoke.BespokeSolver(args.bespoke_steps)) if bns else None
+            sampler = energy_sampler(ckpt, ds, device, e_solver, args.energy_steps)
+            bns = solver == "bespoke"  # an untrained n-step BNS solver (= Euler), applied as the samplers do
+            if bns:
+                common.save_checkpoint(Path(tmp.name) / "bns.pt", script="bespoke", ds=ds, n=args.bespoke_steps,
+                                       solver=common.BespokeSolver(args.bespoke_steps).state_dict())
             for bs in args.batch_sizes:
                 e_inc, got = common.sample_e_inc(bs, torch.Generator().manual_seed(args.seed)), {}
                 base = dict(ds=ds, preset=args.preset, solver=solver, batch=bs,
@@ -355,7 +367,8 @@ def bench_sampling(args, device, res):
                 energy_time = timed(lambda: got.update(u=sampler(e_inc)), device, args, warm=device.type == "cuda")
                 for chain in [c for c in args.chains if not (bns and c == "lavit")]:
                     gen = torch.Generator(device).manual_seed(args.seed)
-                    run = lambda k, c=chain: shape[c](e_inc, got["u"], e_solver, k, bs, gen, solve_fn)  # noqa: E731
+                    run = lambda k, c=chain: shape[c](e_inc, got["u"], common.make_solver(  # noqa: E731
+                        solver if bns else e_solver, k, Path(tmp.name) / "bns.pt", ds)[0], gen)
                     shape_time = energy_time and timed(lambda: run(args.shape_steps), device, args, lambda: run(1))
                     if not shape_time:
                         rows.append(dict(base, chain=chain, status="out of memory"))
@@ -384,7 +397,7 @@ def bench_training(args, device, res):
         return step, sum(p.numel() for p in params)
 
     def energy_step(b, ds):
-        net = energy.build_model({"preset": "paper"}).to(device)
+        net = paper_energy_net().to(device)
         z, c_e = torch.randn(b, L, device=device), torch.rand(b, device=device)
 
         def loss():
@@ -392,29 +405,31 @@ def bench_training(args, device, res):
                 return energy.cfm_loss(net, z, c_e, torch.randn_like(z), torch.rand_like(z))
         return step_of(net.parameters(), loss)
 
-    def shape_step(b, ds, latent=False):  # shape_vit.py, or latent_vit.py with its frozen VAE encoder
+    def shape_step(b, ds, latent=False):  # shape_vit.py, or latent_vit.py on a latent file's rows
         m = jitter(common.ViT(vit_config("lavit" if latent else "vit", ds))).to(device)
-        v, stats = build_vae(ds, device).requires_grad_(False) if latent else None, shape_stats(ds, device)
-        (e_inc, showers), idx = raw_batch(ds, b), np.arange(b)
+        stats, (e_inc, showers), idx = shape_stats(ds, device), raw_batch(ds, b), np.arange(b)
+        lat = vae_lib.PRESETS[ds]["latent"]
+        data = dict(mu=np.random.default_rng(0).standard_normal((b, *lat), np.float32),
+                    logvar=np.full((b, *lat), -6, np.float32), incident_energies=e_inc.astype(np.float64),
+                    u=np.full((b, L), 0.3))
 
         def loss():
-            x, e = shape_vit.fetch(showers, e_inc, idx, device)
             if latent:
-                return latent_vit.batch_loss(m, v, stats, stats, x, e, ds, gen)
-            return shape_vit.batch_loss(m, x, e, stats, ds, gen)
+                return latent_vit.batch_loss(m, *latent_vit.fetch(data, idx, device), stats, gen)
+            return shape_vit.batch_loss(m, *shape_vit.fetch(showers, e_inc, idx, device), stats, ds, gen)
         return step_of(m.parameters(), loss)
 
     def vae_step(b, ds):
-        v, (e_inc, showers), cond_stats = vae_lib.VAE(ds).to(device), raw_batch(ds, b), unit(L, device)
+        v, (e_inc, showers), cond_stats = build_vae(ds, device).train(), raw_batch(ds, b), unit(L, device)
         return step_of(v.parameters(), lambda: vae_lib.vae_loss(
             v, *vae_lib.batch_inputs(e_inc, showers, ds, cond_stats, device)[:2], 1e-5, gen)[0])
 
     def bespoke_step(b, ds):  # local loss of a BNS solver on a frozen ViT, random reference trajectories
         m = build_vit("vit", ds, device).requires_grad_(False)
-        solver = bespoke.BespokeSolver(args.bespoke_steps).to(device)
+        solver = common.BespokeSolver(args.bespoke_steps).to(device)
         x0, _, cond = vit_inputs(m, b, device)
         traj = torch.randn(b, bespoke.parse_args([]).ref_steps + 1, *m.cfg.in_shape, device=device)
-        field = lambda x, t, c: shape_vit.velocity_fn(m, c)(x, t)  # noqa: E731
+        field = lambda x, t, c: m.velocity(c)(x, t)  # noqa: E731
         return step_of(solver.parameters(), lambda: bespoke.local_loss(solver, field, x0, cond, traj), torch.optim.Adam)
 
     jobs = [("energy", energy_step, 4096, args.ds[0])]  # energy.py's batch; the others from their presets

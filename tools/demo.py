@@ -31,7 +31,8 @@ TOY = {
     "vae": ["--channels", "16", "--epochs", "6", "--val-every", "2", "--ckpt-every", "2"],
     "latent": ["--preset", "small", "--epochs", "8", "--val-every", "2", "--ckpt-every", "2"],
     "bespoke": ["--preset", "small", "--steps", "8", "--loss", "local", "--iters", "300"],
-    "sample": ["--solver", "rk4", "--steps", "8", "--energy-steps", "5"],  # energy: the README's fast setting
+    "energy_sample": ["--steps", "5"],  # the fast setting (docs/RESULTS.md: as good as RK4 50 on the toy showers)
+    "sample": ["--solver", "rk4", "--steps", "8"],
     "evaluate": ["--cls-epochs", "10", "--cls-width", "256"],
 }
 TINY_VIT = ["--dim", "12", "--heads", "2", "--mlp", "24", "--depth", "1", "--epochs", "1", "--batch-size", "32"]
@@ -43,6 +44,7 @@ SMOKE = {  # --smoke: checks the wiring of every stage in a few minutes; the sco
     "latent": ["--preset", "small"] + TINY_VIT,
     "bespoke": ["--preset", "small", "--steps", "4", "--loss", "local", "--iters", "4", "--pool", "24", "--n-val", "8",
                 "--batch-size", "8", "--ref-steps", "8", "--val-every", "2"],
+    "energy_sample": ["--steps", "2"],
     "sample": ["--solver", "rk4", "--steps", "2"],
     "evaluate": ["--cls-epochs", "1", "--cls-width", "16"],
 }
@@ -143,47 +145,48 @@ def main(argv=None):
             if not f.exists():
                 sys.exit(f"error: {f} not found: get the real files with `python data/prepare.py download --ds {ds}`")
     chain = Chain(args)
-    runs = chain.dir / "runs"
+    runs, out = chain.dir / "runs", chain.dir
     args.data_dir = args.data_dir or ("data" if args.real else str(chain.dir / "data"))
     data_flags = ["--data-dir", args.data_dir] + ([] if args.real else ["--toy"])
     if not args.real:
         ref = [Path(args.data_dir) / f"toy_ds{ds}_ref.hdf5"]
-        chain.run("data", ["data/prepare.py", "toy", "--ds", ds, "--out", args.data_dir, "--seed", args.seed, "--overwrite"]
-                  + chain.flags("data"), ref[0])
-    train = chain.common() + data_flags + ["--out", runs]
+        chain.run("data", ["data/prepare.py", "toy", "--ds", ds, "--out", args.data_dir, "--seed", args.seed,
+                           "--overwrite"] + chain.flags("data"), ref[0])
+    train, opts = chain.common() + data_flags + ["--out", runs], chain.common() + ["--overwrite"]
     energy, shape = chain.run_many([  # independent: side by side
         ("energy", ["energy.py"] + train + chain.flags("energy"), lambda: chain.newest_run("energy"), "energy"),
         ("shape_vit", ["shape_vit.py"] + train + chain.flags("shape"), lambda: chain.newest_run("shape_vit"),
          "shape_vit")])
-    like = ["--like", ref[0], "--energy-ckpt", energy, "--overwrite"] + chain.common()
+    cond = chain.run("energy_sample", ["energy.py", "--sample", "--ckpt", energy, "--like", ref[0], "--output",
+                                       out / "cond.hdf5"] + opts + chain.flags("energy_sample"), out / "cond.hdf5")
+    sample = ["--cond", cond] + opts + chain.flags("sample")
     samples = {"ViT": chain.run("sample", ["shape_vit.py", "--sample", "--ckpt", shape, "--output",
-                                           chain.dir / "gen_vit.hdf5"] + like + chain.flags("sample"),
-                                chain.dir / "gen_vit.hdf5")}
+                                           out / "gen_vit.hdf5"] + sample, out / "gen_vit.hdf5")}
     if args.latent:
         vae = chain.run("vae", ["vae.py"] + train + chain.flags("vae"), lambda: chain.newest_run("vae"), "vae")
-        recon = chain.run("vae_reconstruct", ["vae.py", "--reconstruct", "--ckpt", vae, "--like", ref[0], "--output",
-                                              chain.dir / "recon_vae.hdf5", "--overwrite"] + chain.common(),
-                          chain.dir / "recon_vae.hdf5")
-        samples["VAE reconstruction"] = recon
-        lavit = chain.run("latent_vit", ["latent_vit.py", "--vae", vae] + train + chain.flags("latent"),
-                          lambda: chain.newest_run("latent_vit"), "latent_vit")
-        samples["laViT"] = chain.run("latent_sample", ["latent_vit.py", "--sample", "--ckpt", lavit, "--output",
-                                                       chain.dir / "gen_lavit.hdf5"] + like + chain.flags("sample"),
-                                     chain.dir / "gen_lavit.hdf5")
+        latents = chain.run("vae_encode", ["vae.py", "--encode", "--ckpt", vae] + opts, vae / "latents.hdf5")
+        samples["VAE reconstruction"] = chain.run(
+            "vae_reconstruct", ["vae.py", "--reconstruct", "--ckpt", vae, "--like", ref[0], "--output",
+                                out / "recon_vae.hdf5"] + opts, out / "recon_vae.hdf5")
+        lavit = chain.run("latent_vit", ["latent_vit.py", "--latents", latents, "--out", runs] + chain.common()
+                          + chain.flags("latent"), lambda: chain.newest_run("latent_vit"), "latent_vit")
+        z = chain.run("latent_sample", ["latent_vit.py", "--sample", "--ckpt", lavit, "--output",
+                                        out / "latents_lavit.hdf5"] + sample, out / "latents_lavit.hdf5")
+        samples["laViT"] = chain.run("vae_decode", ["vae.py", "--decode", z, "--output", out / "gen_lavit.hdf5"]
+                                     + opts, out / "gen_lavit.hdf5")
     if args.bespoke:
-        solver = chain.run("bespoke", ["bespoke.py", "--shape-ckpt", shape, "--energy-ckpt", energy, "--out", runs]
+        solver = chain.run("bespoke", ["bespoke.py", "--ckpt", shape, "--cond", cond, "--out", runs]
                            + chain.common() + chain.flags("bespoke"), lambda: chain.newest_run("bespoke"))
         samples["ViT, bespoke 8 steps"] = chain.run(
-            "bespoke_sample", ["shape_vit.py", "--sample", "--ckpt", shape, "--output", chain.dir / "gen_bespoke.hdf5"]
-            + like + chain.flags("sample") + ["--solver", "bespoke", "--bespoke-ckpt", solver],  # last flag wins
-            chain.dir / "gen_bespoke.hdf5")
+            "bespoke_sample", ["shape_vit.py", "--sample", "--ckpt", shape, "--output", out / "gen_bespoke.hdf5"]
+            + sample + ["--solver", "bespoke", "--bespoke-ckpt", solver], out / "gen_bespoke.hdf5")
     evals = {}
     for label, gen in samples.items():
-        out = chain.dir / "eval" / Path(gen).stem
+        folder = out / "eval" / Path(gen).stem
         evals[label] = chain.run(f"evaluate {label}", ["evaluate.py", "-i", gen, "-r", *ref, "--ds", ds, "-m", "all",
-                                                       "--out", out, "--seed", args.seed, "--no-progress"]
+                                                       "--out", folder, "--seed", args.seed, "--no-progress"]
                                  + (["--device", args.device] if args.device else []) + chain.flags("evaluate"),
-                                 out / "summary.json")
+                                 folder / "summary.json")
     report = write_report(chain, evals)
     print(f"[demo] report: {report}")
 
