@@ -6,31 +6,27 @@
     python evaluate.py -i u_samples.hdf5 -r data/dataset_2_2.hdf5 --ds 2 --cls-repeats 3   # energy network: cls-u
     python evaluate.py -i data/toy_ds2_train.hdf5 --toy -m all --cls-epochs 5 --cls-width 256   # CPU quick run
 
-Modes (-m, several allowed; default all = every mode but cls-resnet, as the official 'all' does):
-  hist        high-level features (E_tot/E_inc; per layer E_layer, EC_x, EC_y, width_x, width_y, EC_r,
-              width_r, sparsity; voxel energies), separation powers, one PNG per feature family
+Modes (-m, several allowed; default all = every mode but cls-resnet, like the official 'all'):
+  hist        high-level features (E_tot/E_inc; per layer E_layer, EC_x, EC_y, width_x, width_y, EC_r, width_r,
+              sparsity; voxel energies), separation powers, one PNG per feature family
   cls-low     official DNN classifier on [log10 E_inc, voxels / E_inc]: calibrated AUC and JSD
   cls-high    the same DNN on the 362 high-level features
-  cls-resnet  official 3-D ResNet-18 ("CNN" column; 2,516,644 parameters) on the cls-low input: GPU minutes, CPU hours
-  cls-u       the DNN on [ln E_inc, logit u] (46 numbers, standardised by the reference): scores the energy network.
-              The input may be a condition file (energy.py --sample): then all = cls-u, and no other mode applies
-  weights     classifier weights w = p/(1-p) of reference and generated showers (paper Eq. 21, Fig. 10);
-              written for every classifier that runs (weights alone runs cls-low)
+  cls-resnet  official 3-D ResNet-18 ("CNN" column, 2.5M parameters) on the cls-low input: GPU minutes, CPU hours
+  cls-u       the DNN on [ln E_inc, logit u] (46 numbers, standardised by the reference): scores the energy network;
+              the input may be a condition file (energy.py --sample), for which all = cls-u and nothing else applies
+  weights     classifier weights w = p/(1-p) (paper Eq. 21, Fig. 10), for every classifier run (alone: cls-low)
   fpd         FPD and KPD (x1e3, with errors) on the 362 high-level features
-  prdc        precision, recall, density, coverage (k = 5) on log10 voxel energies (zeros as 0.1 MeV), reference = real
+  prdc        precision, recall, density, coverage (k = 5) of log10 voxel energies (zeros as 0.1 MeV), reference = real
   timing      sampling time found in the generated file's attributes or a sidecar GEN.json
---cls-repeats K: every classifier reports the mean AUC (and JSD) of K seeds, with auc_std and the list aucs.
-Output: --out (default eval/<input stem>-ds<N>/; an existing one only with --overwrite) is built in a hidden
-folder beside it and renamed at the end, so a killed run leaves no partial folder: summary.json (every number,
-written last), separation_powers.txt, *.png, cls_<kind>_weights.npz.
+--cls-repeats K: each classifier reports the mean AUC / JSD of K seeds (seed, seed+1, ...), auc_std and aucs.
+--out (default eval/<input stem>-ds<N>/; an existing one only with --overwrite) is built in a hidden folder beside it
+and renamed at the end, so a killed run leaves no partial folder: summary.json (every number, written last),
+separation_powers.txt, *.png, cls_<kind>_weights.npz.
 
-Both samples get the 15.15 keV cut. Like the official evaluator, features are computed in the files' own dtype
-(float64 for the official files and ours; a float32 file gives float32 layer energies and float32 log10 edges,
-as there). Classifier inputs are stored in float32 and PRDC rows in the file dtype, streamed batch by batch
-(disk-backed float32 arrays when they exceed --ram-gb, e.g. DS3). Label reference = 1. What to expect: Geant4
-vs Geant4 gives AUCs of 0.50, FPD x1e3 ~ 10 (DS2), KPD x1e3 ~ 0; CaloDREAM DS2 0.53 / 0.52 (SPEC 4). The
-official classifier (2048 wide, 50 epochs) takes minutes per classifier on one GPU and hours on a CPU: use
---cls-epochs/--cls-width/--max-showers for quick runs.
+Both samples get the 15.15 keV cut; features are computed in the files' own dtype, as the official evaluator does
+(float64 files: float64). Classifier rows (float32) and PRDC rows are streamed batch by batch (disk-backed float32
+above --ram-gb). Label reference = 1. Geant4 vs Geant4: AUCs 0.50, FPD x1e3 ~ 10 (DS2), KPD x1e3 ~ 0; CaloDREAM DS2
+0.53 / 0.52 (SPEC 4). The official classifiers take minutes on one GPU, hours on a CPU: see --cls-epochs/--cls-width.
 """
 import argparse
 import json
@@ -71,10 +67,9 @@ def _floating(a):
 
 
 def high_level_features(e_inc, showers, ds, threshold=MIN_ENERGY):
-    """SPEC 3 features of showers (N, n_vox) MeV with the official arithmetic, in the input's dtype as there (a
-    float32 input sums E_tot and E_layer in float32; EC and widths come out float64 through the float64 voxel
-    positions). Voxels below `threshold` are set to 0 first, on a copy (None: already cut). Returns a dict of
-    e_inc, e_tot (N,) and e_layer, ec_x, ec_y, width_x, width_y, ec_r, width_r, sparsity (N, 45)."""
+    """SPEC 3 features of showers (N, n_vox) MeV with the official arithmetic, in the input's dtype as there (float32:
+    float32 E_tot and E_layer; EC and widths float64). Voxels below `threshold` are zeroed on a copy (None: already
+    cut). Returns e_inc, e_tot (N,) and e_layer, ec_x, ec_y, width_x, width_y, ec_r, width_r, sparsity (N, 45)."""
     x = _floating(showers) if threshold is None else _floating(showers).copy()
     if threshold is not None:
         x[x < threshold] = 0.0
@@ -99,7 +94,7 @@ def feature_matrix(f):
 
 
 def file_dtypes(paths, ds):
-    """dtypes of incident_energies and showers over CaloChallenge files (the official evaluator computes in them)."""
+    """dtypes of incident_energies and showers in CaloChallenge files: the official evaluator computes in them."""
     found = []
     for path in paths:
         f, _ = common.open_showers(path, ds)
@@ -109,11 +104,10 @@ def file_dtypes(paths, ds):
 
 
 def scan(paths, ds, max_showers=None, features=True, low=None, vox_edges=None, progress=True, prdc=None):
-    """One pass over CaloChallenge files in chunks (common.iter_showers; negative voxels allowed, the cut removes
-    them), back in the files' own dtype (exact: the float64 chunks hold the stored values): the 15.15 keV cut, then
-    (optionally) the high-level features, the low-level classifier rows [log10 E_inc, voxels / E_inc] into `low`
-    and the PRDC rows log10(voxels, 0 -> 0.1 MeV) into `prdc` (the first len() showers of each), and voxel-energy
-    counts on `vox_edges`."""
+    """One pass over CaloChallenge files (common.iter_showers' chunks, back in the files' own dtype, which is exact;
+    negative voxels allowed: the cut removes them): the 15.15 keV cut, then optionally the high-level features, the
+    rows [log10 E_inc, voxels / E_inc] into `low` and log10(voxels, 0 -> 0.1 MeV) into `prdc` (their first len()
+    showers), and voxel-energy counts on `vox_edges`."""
     paths = list(paths)
     dt_e, dt_x = file_dtypes(paths, ds)
     chunk = max(1, 2 ** 28 // (8 * common.geometry(ds).n_vox))  # ~256 MB of float64 per chunk
@@ -127,8 +121,7 @@ def scan(paths, ds, max_showers=None, features=True, low=None, vox_edges=None, p
             parts.append(high_level_features(e, x, ds, threshold=None))
         k = min(len(e), len(low) - done) if low is not None else 0
         if k > 0:
-            low[done:done + k, 0] = np.log10(e[:k])
-            low[done:done + k, 1:] = x[:k] / e[:k, None]
+            low[done:done + k, 0], low[done:done + k, 1:] = np.log10(e[:k]), x[:k] / e[:k, None]
         k = min(len(e), len(prdc) - done) if prdc is not None else 0
         if k > 0:
             prdc[done:done + k] = np.log10(np.where(x[:k] == 0, x.dtype.type(0.1), x[:k]))
@@ -153,10 +146,10 @@ def separation_power(p_hist, q_hist, edges=None):
 
 
 def hist_edges(key, ref_max=None):
-    """SPEC 3 edges. The log edges end at 10**log10(reference max), computed as the official code does (in the
-    dtype of the maximum): that edge lies within rounding of the maximum, so whether the largest reference value
-    is counted follows the last bit of numpy's log10 and power. They differ between numpy builds (1.26 vs 2.4 on
-    AVX-512 changed 7 of 45 DS2 E_layer separation powers by up to 3e-4, in the official evaluator as here)."""
+    """SPEC 3 edges; the log ones end at 10**log10(reference max) in the dtype of the maximum, as the official code
+    does. That edge is within rounding of the maximum, so whether the largest value counts follows the last bit of
+    numpy's log10 and power, which differ between numpy builds (1.26 vs 2.4 on AVX-512: 7 of 45 DS2 E_layer
+    separation powers differ by up to 3e-4, in the official evaluator as here)."""
     if key in LOG_BINS:
         return np.logspace(np.log10(MIN_ENERGY), np.log10(ref_max), LOG_BINS[key]) if ref_max > MIN_ENERGY else None
     return np.linspace(*LINEAR_BINS[key])
@@ -217,47 +210,35 @@ class DNN(nn.Sequential):
         super().__init__(*layers, nn.Linear(width, 1))
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3x3 convolutions with BatchNorm, plus a shortcut (a strided 1x1x1 convolution + BatchNorm where the
-    shape changes), then ReLU."""
-
-    def __init__(self, c_in, c_out, stride):
-        super().__init__()
-        conv = lambda i, o, k, s: nn.Conv3d(i, o, k, s, k // 2, bias=False)
-        self.body = nn.Sequential(conv(c_in, c_out, 3, stride), nn.BatchNorm3d(c_out), nn.ReLU(inplace=True),
-                                  conv(c_out, c_out, 3, 1), nn.BatchNorm3d(c_out))
-        self.short = nn.Identity() if stride == 1 and c_in == c_out else \
-            nn.Sequential(conv(c_in, c_out, 1, stride), nn.BatchNorm3d(c_out))
-
-    def forward(self, x):
-        return F.relu(self.body(x) + self.short(x))
-
-
 class ResNet(nn.Module):
-    """The CaloChallenge "CNN" classifier (official code/resnet.py, generate_model(18)): a 3-D ResNet-18 of widths
-    32/64/64/128 on voxels / E_inc as one channel (layers, alpha, r): stem conv 7x7x7 stride 2 (pad 3) + BatchNorm +
-    ReLU + max-pool 3/2/1, four stages of two BasicBlocks (stride 2 from the second stage), global average pool;
-    log10 E_inc through BatchNorm1d joins the 128 channels in the final Linear(129, 1). Kaiming-normal (fan_out)
-    convolutions. 2,516,644 parameters on either dataset. Input rows: [log10 E_inc, voxels / E_inc]."""
+    """The CaloChallenge "CNN" (official code/resnet.py, generate_model(18)); 2,516,644 parameters on either dataset.
+    A 3-D ResNet-18 of widths 32/64/64/128 on voxels / E_inc as one channel (layers, alpha, r): conv 7^3 stride 2 + BN
+    + ReLU + max-pool 3/2; 4 stages of 2 residual blocks [conv 3^3 (stride 2 in the first block from stage 2), BN,
+    ReLU, conv 3^3, BN; shortcut: 1^3 conv + BN where the shape changes; ReLU]; global average pool; log10 E_inc
+    through BatchNorm1d joins the 128 channels in Linear(129, 1). Kaiming-normal (fan_out) convolutions, no biases.
+    Input rows [log10 E_inc, voxels / E_inc]."""
 
     def __init__(self, image, widths=(32, 64, 64, 128)):
         super().__init__()
-        self.image = tuple(image)
-        self.stem = nn.Sequential(nn.Conv3d(1, widths[0], 7, 2, 3, bias=False), nn.BatchNorm3d(widths[0]),
-                                  nn.ReLU(inplace=True), nn.MaxPool3d(3, 2, 1))
-        blocks, c = [], widths[0]
+        conv = lambda i, o, k, s: nn.Sequential(nn.Conv3d(i, o, k, s, k // 2, bias=False), nn.BatchNorm3d(o))
+        self.image, c, self.blocks = tuple(image), widths[0], nn.ModuleList()
+        self.stem = nn.Sequential(conv(1, c, 7, 2), nn.ReLU(inplace=True), nn.MaxPool3d(3, 2, 1))
         for i, w in enumerate(widths):
-            blocks += [BasicBlock(c, w, 2 if i else 1), BasicBlock(w, w, 1)]
-            c = w
-        self.blocks = nn.Sequential(*blocks)
-        self.e_norm, self.fc = nn.BatchNorm1d(1), nn.Linear(widths[-1] + 1, 1)
+            for stride in (2 if i else 1, 1):
+                body = nn.Sequential(conv(c, w, 3, stride), nn.ReLU(inplace=True), conv(w, w, 3, 1))
+                shortcut = nn.Identity() if (stride, c) == (1, w) else conv(c, w, 1, stride)
+                self.blocks.append(nn.ModuleList([body, shortcut]))
+                c = w
+        self.e_norm, self.fc = nn.BatchNorm1d(1), nn.Linear(c + 1, 1)
         for m in self.modules():
             if isinstance(m, nn.Conv3d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x):
-        h = self.blocks(self.stem(x[:, 1:].reshape(-1, 1, *self.image))).mean((2, 3, 4))
-        return self.fc(torch.cat([h, self.e_norm(x[:, :1])], 1))
+        h = self.stem(x[:, 1:].reshape(-1, 1, *self.image))
+        for body, shortcut in self.blocks:
+            h = F.relu(body(h) + shortcut(h))
+        return self.fc(torch.cat([h.mean((2, 3, 4)), self.e_norm(x[:, :1])], 1))
 
 
 def split_sizes(n):
@@ -267,11 +248,9 @@ def split_sizes(n):
 
 def classify(x_gen, x_ref, seed=0, epochs=50, width=2048, batch_size=1000, lr=2e-4, device=None,
              hidden=3, progress=True, name="classifier", image=None):
-    """Two-sample test of SPEC 3 on any (N, d) feature arrays (numpy or memmap, read per batch as float32) with
-    the DNN, or with the official ResNet when `image` = (layers, alpha, r) (rows [log10 E_inc, voxels / E_inc]).
-    Label reference = 1. Trains with BCE, Adam, keeps the epoch of best test accuracy, calibrates with isotonic
-    regression on test, reports AUC and JSD = (ln 2 - BCE)/ln 2 on validation, and the weights w = p/(1-p) of
-    the validation showers of both classes."""
+    """Two-sample test of SPEC 3 on (N, d) arrays (numpy or memmap, read per batch as float32) with the DNN, or the
+    ResNet for `image` = (layers, alpha, r). Label reference = 1. BCE, Adam, the epoch of best test accuracy, isotonic
+    calibration on test; AUC and JSD = (ln 2 - BCE)/ln 2 on validation, and the weights w = p/(1-p) there."""
     t0, device = time.time(), common.pick_device(device)
     arrays = [x.detach().cpu().numpy() if torch.is_tensor(x) else x for x in (x_gen, x_ref)]
     n, d = min(len(arrays[0]), len(arrays[1])), arrays[0].shape[1]
@@ -337,8 +316,7 @@ def classify(x_gen, x_ref, seed=0, epochs=50, width=2048, batch_size=1000, lr=2e
 
 
 def classify_repeats(x_gen, x_ref, repeats=1, seed=0, **kw):
-    """classify() with seeds seed, seed+1, ... (other splits and inits): the first run's details, with auc and jsd
-    the means over the runs, auc_std (population), the lists aucs and jsds, and the total seconds."""
+    """classify() with seeds seed, seed+1, ...: the first run's details; auc, jsd = means, auc_std, aucs, jsds."""
     runs = [classify(x_gen, x_ref, seed=seed + k, **kw) for k in range(repeats)]
     aucs, jsds = [r["auc"] for r in runs], [r["jsd"] for r in runs]
     return {**runs[0], "auc": float(np.mean(aucs)), "auc_std": float(np.std(aucs)), "aucs": aucs,
@@ -346,8 +324,7 @@ def classify_repeats(x_gen, x_ref, repeats=1, seed=0, **kw):
 
 
 def u_inputs(gen_path, refs, ds, n_gen, max_showers, conditions, progress):
-    """cls-u rows [ln E_inc, logit u] of both samples (a condition file, or the true u's of CaloChallenge files),
-    standardised by the reference's mean and std."""
+    """cls-u rows [ln E_inc, logit u] (condition file or true u's), standardised by the reference's mean and std."""
     gen = common.read_conditions(gen_path, ds, n_gen)[:2] if conditions else \
         common.load_u([gen_path], ds, max_showers, progress=progress)
     feats = [torch.cat([e.log()[:, None], common.logit(u)], 1)
@@ -433,17 +410,16 @@ def fpd_kpd(feat_gen, feat_ref, seed=0, device=None, n_min=10000, n_max=50000, n
 
 # ----------------------------------------------------------------------------- PRDC (official: the prdc package)
 def prdc(real, fake, k=PRDC_K, device=None, rows=None, cols=4096, progress=False):
-    """Precision, recall, density and coverage (Naeem et al. 2020) of fake against real (N, d) arrays (numpy or
-    memmap), with the arithmetic of the `prdc` package the official evaluator calls: Euclidean distances
-    sqrt(max(0, -2 a.b + |a|^2 + |b|^2)) in float64 (rounded to float32 first for float32 rows, as sklearn does),
-    0 from a point to itself, the radius of a point = its (k+1)-th smallest distance within its own set (itself
-    included), strict comparisons. The distance matrices are never held: blocks of `rows` x `cols` points on
-    `device`, so memory stays bounded for any N (rows default: 2 GB of float64)."""
+    """Precision, recall, density, coverage (Naeem et al. 2020) of fake vs real (N, d) arrays (numpy or memmap), with
+    the arithmetic of the `prdc` package the official evaluator calls: distances sqrt(max(0, -2 a.b + |a|^2 + |b|^2))
+    in float64 (rounded to float32 first for float32 rows, as sklearn does), 0 to itself; radius = the (k+1)-th
+    smallest distance within the own set; strict comparisons. Blocks of rows x cols points on `device` (rows: 2 GB
+    of float64), so memory is bounded for any N."""
     dev = common.pick_device(device)
     dt = torch.float64 if np.result_type(real.dtype, fake.dtype) == np.float64 else torch.float32
     rows = rows or max(1, min(len(real), len(fake), 2 ** 28 // real.shape[1]))
-    bar = tqdm(total=sum(-(-len(a) // rows) * -(-len(b) // cols) for a, b in ((real, real), (fake, fake), (real, fake))),
-               desc="prdc", disable=not progress, leave=False)
+    n_blocks = sum(-(-len(a) // rows) * -(-len(b) // cols) for a, b in ((real, real), (fake, fake), (real, fake)))
+    bar = tqdm(total=n_blocks, desc="prdc", disable=not progress, leave=False)
 
     def blocks(x, size):
         for s in range(0, len(x), size):
@@ -454,8 +430,9 @@ def prdc(real, fake, k=PRDC_K, device=None, rows=None, cols=4096, progress=False
         for i, xa, na in blocks(a, rows):
             for j, xb, nb in blocks(b, cols):
                 d = (xa @ xb.T).mul_(-2).add_(na[:, None]).add_(nb[None, :]).to(dt).clamp_(min=0)
-                if a is b:
-                    at = torch.arange(max(i, j), min(i + len(xa), j + len(xb)), device=dev)
+                lo, hi = max(i, j), min(i + len(xa), j + len(xb))
+                if a is b and lo < hi:
+                    at = torch.arange(lo, hi, device=dev)
                     d[at - i, at - j] = 0
                 bar.update()
                 yield i, j, d.sqrt_()
@@ -470,18 +447,17 @@ def prdc(real, fake, k=PRDC_K, device=None, rows=None, cols=4096, progress=False
         return r
 
     r_real, r_fake = radii(real), radii(fake)
-    found, count = torch.zeros(len(fake), dtype=torch.bool, device=dev), torch.zeros(len(fake), dtype=torch.int64, device=dev)
-    recalled, nearest = torch.zeros(len(real), dtype=torch.bool, device=dev), torch.full((len(real),), math.inf, dtype=dt, device=dev)
+    count = torch.zeros(len(fake), dtype=torch.int64, device=dev)  # real k-NN balls holding each fake point
+    recalled = torch.zeros(len(real), dtype=torch.bool, device=dev)  # real points inside some fake ball
+    nearest = torch.full((len(real),), math.inf, dtype=dt, device=dev)  # nearest fake point of each real one
     for i, j, d in pairs(real, fake):
         ri, fj = slice(i, i + d.shape[0]), slice(j, j + d.shape[1])
-        inside = d < r_real[ri, None]  # fake j inside the k-NN ball of real i
-        found[fj] |= inside.any(0)
-        count[fj] += inside.sum(0)
+        count[fj] += (d < r_real[ri, None]).sum(0)
         recalled[ri] |= (d < r_fake[None, fj]).any(1)
         nearest[ri] = torch.minimum(nearest[ri], d.min(1).values)
     bar.close()
     mean = lambda t: t.double().mean().item()
-    return {"precision": mean(found), "recall": mean(recalled), "density": (1.0 / k) * mean(count),
+    return {"precision": mean(count > 0), "recall": mean(recalled), "density": (1.0 / k) * mean(count),
             "coverage": mean(nearest < r_real), "k": k, "n_real": len(real), "n_fake": len(fake)}
 
 
@@ -542,7 +518,7 @@ def _alive(pid):
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's process
+    except PermissionError:  # someone else's
         pass
     return True
 
@@ -554,13 +530,14 @@ def claim_out(out):
         pid = old.name[len(prefix):].split(".")[0]
         if old.is_dir() and pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
             shutil.rmtree(old, ignore_errors=True)
-    work = out.parent / f"{prefix}{os.getpid()}.tmp"
-    work.mkdir(parents=True)
+    (work := out.parent / f"{prefix}{os.getpid()}.tmp").mkdir(parents=True)
     return work
 
 
 def publish(work, out):
-    """Rename the finished work folder to out; an old out (--overwrite) is moved aside and removed only now."""
+    """Rename the finished work folder to out (disk-backed rows deleted); an old out (--overwrite) goes only now."""
+    for rows in work.glob(".*.npy"):  # unlinking a mapped file is fine on POSIX: the pages go with the last reference
+        rows.unlink()
     old = out.parent / f".{out.name}.{os.getpid()}.old"
     if out.exists():
         os.replace(out, old)
@@ -573,10 +550,10 @@ def plan(modes, conditions, gen_path):
     modes = set(modes)
     if modes - set(MODES) - {"all"}:
         raise ValueError(f"unknown mode(s) {sorted(modes - set(MODES) - {'all'})}; choose from {MODES + ('all',)}")
+    if conditions and modes - {"all", "cls-u"}:
+        raise ValueError(f"{gen_path} is a condition file (E_inc and u's): only -m cls-u (or all) applies, not "
+                         f"{' '.join(sorted(modes - {'all', 'cls-u'}))}")
     if conditions:
-        if modes - {"all", "cls-u"}:
-            raise ValueError(f"{gen_path} is a condition file (E_inc and u's): only -m cls-u (or all) applies, "
-                             f"not {' '.join(sorted(modes - {'all', 'cls-u'}))}")
         return {"cls-u"}
     if "all" in modes:
         modes = (modes - {"all"}) | (set(MODES) - {"cls-resnet"})
@@ -585,21 +562,22 @@ def plan(modes, conditions, gen_path):
     return modes
 
 
-def check_counts(modes, n_gen, n_ref):
-    n = min(n_gen, n_ref)
-    for wanted, least, what in (("hist" in modes, 1, "histograms"), (modes & set(CLASSIFIERS), MIN_CLASSIFIER, "a classifier's train/test/validation split"),
+def check_counts(modes, n):
+    for wanted, least, what in (("hist" in modes, 1, "histograms"),
+                                (modes & set(CLASSIFIERS), MIN_CLASSIFIER, "a classifier's 0.6/0.2/0.2 split"),
                                 ("fpd" in modes, MIN_FPD, "FPD/KPD (a covariance, the unbiased MMD)"),
                                 ("prdc" in modes, PRDC_K + 1, f"PRDC with k = {PRDC_K} (k neighbours besides itself)")):
         if wanted and n < least:
             raise ValueError(f"{n} showers per sample are too few for {what}: it needs at least {least}")
 
 
-def is_condition_file(path):
+def condition_rows(path):
+    """Rows of a condition file (E_inc and u's); None for anything else (the shower reader judges it)."""
     try:
         with h5py.File(path, "r") as f:
-            return "u" in f and "showers" not in f
-    except (OSError, ValueError):  # missing or unreadable: the readers say so
-        return False
+            return len(f["u"]) if "u" in f and "showers" not in f else None
+    except (OSError, ValueError):
+        return None
 
 
 def row_arrays(work, name, shapes, dtype, ram_gb):
@@ -673,41 +651,36 @@ def run_modes(summary, work, gen_path, refs, ds, modes, conditions, kw):
     times, n_gen, n_ref = summary["times_s"], summary["config"]["n_gen"], summary["config"]["n_ref"]
     max_showers, progress, n_vox = kw["max_showers"], kw["progress"], common.geometry(ds).n_vox
     low = prdc_rows = [None, None]
-    if modes & {"cls-low", "cls-resnet"}:  # float32 rows (DS3: 16 GB per 100k showers)
+    if modes & {"cls-low", "cls-resnet"}:  # float32 rows (DS3: 16 GB per 100k showers), deleted by publish()
         low = row_arrays(work, "cls_low", [(min(n_gen, n_ref), n_vox + 1)] * 2, np.float32, kw["ram_gb"])
     if "prdc" in modes:
         dt = np.result_type(file_dtypes([gen_path], ds)[1], file_dtypes(refs, ds)[1])
         prdc_rows = row_arrays(work, "prdc", [(n_gen, n_vox), (n_ref, n_vox)], dt, kw["ram_gb"])
-    try:
-        if modes - {"cls-u", "timing"}:
-            t, feats = time.time(), bool(modes & {"hist", "cls-high", "fpd"})
-            ref = scan(refs, ds, max_showers, feats, low[1], progress=progress, prdc=prdc_rows[1])
-            vox_edges = hist_edges("voxel", ref["vmax"]) if "hist" in modes else None
-            gen = scan([gen_path], ds, max_showers, feats, low[0], vox_edges, progress, prdc_rows[0])
-            times["read"] = time.time() - t
-        if "hist" in modes:
-            t = time.time()
-            run_hist(summary, work, gen, ref, refs, ds, max_showers, vox_edges, kw["plots"], progress)
-            times["hist"] = time.time() - t - times.get("hist_plots", 0.0)
-        inputs = {"cls-low": lambda: low, "cls-resnet": lambda: low,
-                  "cls-high": lambda: [feature_matrix(s["features"]).astype(np.float32) for s in (gen, ref)],
-                  "cls-u": lambda: u_inputs(gen_path, refs, ds, n_gen, max_showers, conditions, progress)}
-        run_classifiers(summary, work, modes, inputs, ds, kw["seed"], kw["cls_repeats"], kw["plots"], kw["cls"])
-        if "fpd" in modes:
-            t = time.time()
-            summary["fpd_kpd"] = fpd_kpd(feature_matrix(gen["features"]), feature_matrix(ref["features"]),
-                                         seed=kw["seed"], device=kw["device"], **(kw["fpd_kw"] or {}))
-            times["fpd_kpd"] = time.time() - t
-        if "prdc" in modes:
-            t = time.time()
-            summary["prdc"] = prdc(prdc_rows[1], prdc_rows[0], device=kw["device"], progress=progress)
-            times["prdc"] = time.time() - t
-        if "timing" in modes:
-            summary["timing"] = timing_info(gen_path)
-    finally:
-        for a in low + prdc_rows:  # unlinking a mapped file is fine on POSIX: the pages go with the last reference
-            if isinstance(a, np.memmap):
-                Path(a.filename).unlink(missing_ok=True)
+    if modes - {"cls-u", "timing"}:
+        t, feats = time.time(), bool(modes & {"hist", "cls-high", "fpd"})
+        ref = scan(refs, ds, max_showers, feats, low[1], progress=progress, prdc=prdc_rows[1])
+        vox_edges = hist_edges("voxel", ref["vmax"]) if "hist" in modes else None
+        gen = scan([gen_path], ds, max_showers, feats, low[0], vox_edges, progress, prdc_rows[0])
+        times["read"] = time.time() - t
+    if "hist" in modes:
+        t = time.time()
+        run_hist(summary, work, gen, ref, refs, ds, max_showers, vox_edges, kw["plots"], progress)
+        times["hist"] = time.time() - t - times.get("hist_plots", 0.0)
+    inputs = {"cls-low": lambda: low, "cls-resnet": lambda: low,
+              "cls-high": lambda: [feature_matrix(s["features"]).astype(np.float32) for s in (gen, ref)],
+              "cls-u": lambda: u_inputs(gen_path, refs, ds, n_gen, max_showers, conditions, progress)}
+    run_classifiers(summary, work, modes, inputs, ds, kw["seed"], kw["cls_repeats"], kw["plots"], kw["cls"])
+    if "fpd" in modes:
+        t = time.time()
+        summary["fpd_kpd"] = fpd_kpd(feature_matrix(gen["features"]), feature_matrix(ref["features"]),
+                                     seed=kw["seed"], device=kw["device"], **(kw["fpd_kw"] or {}))
+        times["fpd_kpd"] = time.time() - t
+    if "prdc" in modes:
+        t = time.time()
+        summary["prdc"] = prdc(prdc_rows[1], prdc_rows[0], device=kw["device"], progress=progress)
+        times["prdc"] = time.time() - t
+    if "timing" in modes:
+        summary["timing"] = timing_info(gen_path)
 
 
 def evaluate(gen_path, ref_path, ds, modes=("all",), out_dir="eval", seed=0, cls_epochs=50, cls_width=2048,
@@ -724,25 +697,20 @@ def evaluate(gen_path, ref_path, ds, modes=("all",), out_dir="eval", seed=0, cls
     out, refs = Path(out_dir), [ref_path] if isinstance(ref_path, (str, Path)) else list(ref_path)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    conditions = is_condition_file(gen_path)
-    modes = plan(modes, conditions, gen_path)
-    if conditions:
-        with h5py.File(gen_path, "r") as f:
-            n_gen = min(len(f["u"]), max_showers or len(f["u"]))
-    else:
-        n_gen = common.count_showers([gen_path], ds, max_showers)
+    n_cond = condition_rows(gen_path)
+    conditions, modes = n_cond is not None, plan(modes, n_cond is not None, gen_path)
+    n_gen = min(n_cond, max_showers or n_cond) if conditions else common.count_showers([gen_path], ds, max_showers)
     n_ref = common.count_showers(refs, ds, max_showers)
-    check_counts(modes, n_gen, n_ref)
-    cls = dict(epochs=cls_epochs, width=cls_width, batch_size=cls_batch_size, lr=cls_lr, device=device, progress=progress)
+    check_counts(modes, min(n_gen, n_ref))
+    cls = dict(epochs=cls_epochs, width=cls_width, batch_size=cls_batch_size, lr=cls_lr)
     summary = {"config": {"gen": str(gen_path), "ref": [str(r) for r in refs], "ds": ds, "modes": sorted(modes),
-                          "n_gen": n_gen, "n_ref": n_ref, "seed": seed, "cls_epochs": cls_epochs, "cls_width": cls_width,
-                          "cls_batch_size": cls_batch_size, "cls_lr": cls_lr, "cls_repeats": cls_repeats,
-                          "device": str(common.pick_device(device))}, "times_s": {}}
+                          "n_gen": n_gen, "n_ref": n_ref, "seed": seed, **{f"cls_{k}": v for k, v in cls.items()},
+                          "cls_repeats": cls_repeats, "device": str(common.pick_device(device))}, "times_s": {}}
     work = claim_out(out)
     try:
         run_modes(summary, work, gen_path, refs, ds, modes, conditions,
                   dict(seed=seed, max_showers=max_showers, device=device, plots=plots, progress=progress, ram_gb=ram_gb,
-                       fpd_kw=fpd_kw, cls_repeats=cls_repeats, cls=cls))
+                       fpd_kw=fpd_kw, cls_repeats=cls_repeats, cls=dict(cls, device=device, progress=progress)))
         text = json.dumps(_clean(summary), indent=1)
         common.atomic_write(work / "summary.json", lambda tmp: tmp.write_text(text))
         publish(work, out)
@@ -753,7 +721,7 @@ def evaluate(gen_path, ref_path, ds, modes=("all",), out_dir="eval", seed=0, cls
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="CaloChallenge evaluation of generated showers (SPEC 3).")
-    p.add_argument("-i", "--input", required=True, help="generated CaloChallenge HDF5 file, or a condition file (cls-u)")
+    p.add_argument("-i", "--input", required=True, help="generated CaloChallenge file, or a condition file (cls-u)")
     p.add_argument("-r", "--reference", nargs="+", default=None,
                    help="reference file(s); default the held-out files of --ds in --data-dir (or the toy ref)")
     p.add_argument("--ds", type=int, default=2, help="dataset 2 or 3")
@@ -768,10 +736,10 @@ def main(argv=None):
     p.add_argument("--cls-width", type=int, default=2048, help="DNN hidden width (official: 2048)")
     p.add_argument("--cls-batch-size", type=int, default=1000, help="classifier batch size (official: 1000)")
     p.add_argument("--cls-lr", type=float, default=2e-4, help="classifier Adam learning rate (official: 2e-4)")
-    p.add_argument("--cls-repeats", type=int, default=1, help="mean AUC of this many classifier seeds (seed, seed+1, ..)")
+    p.add_argument("--cls-repeats", type=int, default=1, help="mean AUC of K classifier seeds (seed, seed+1, ...)")
     p.add_argument("--max-showers", type=int, default=None, help="use only the first N showers of each sample")
     p.add_argument("--device", default=None, help="classifier, FPD/KPD and PRDC device (auto: cuda if available)")
-    p.add_argument("--ram-gb", type=float, default=12.0, help="above this, classifier / PRDC rows go to disk-backed arrays")
+    p.add_argument("--ram-gb", type=float, default=12.0, help="above this, classifier/PRDC rows go to disk")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
