@@ -49,7 +49,7 @@ from common import MIN_ENERGY, N_LAYERS
 
 MODES = ("hist", "cls-low", "cls-high", "cls-resnet", "cls-u", "weights", "fpd", "prdc", "timing")
 CLASSIFIERS = ("cls-low", "cls-high", "cls-resnet", "cls-u")
-MIN_CLASSIFIER, MIN_FPD, PRDC_K = 5, 2, 5  # showers per sample: a 3/1/1 split; a covariance; k neighbours + itself
+MIN_CLASSIFIER, MIN_FPD, PRDC_K = 5, 2, 5  # least showers per sample: a 3/1/1 split, a covariance; PRDC's k
 LAYER_KEYS = ("e_layer", "ec_x", "ec_y", "width_x", "width_y", "ec_r", "width_r", "sparsity")
 LINEAR_BINS = {"etot_einc": (0.5, 1.5, 101), "ec_x": (-30, 30, 101), "ec_y": (-30, 30, 101),  # SPEC 3
                "width_x": (0, 30, 101), "width_y": (0, 30, 101), "ec_r": (0, 42, 101),
@@ -323,12 +323,9 @@ def classify_repeats(x_gen, x_ref, repeats=1, seed=0, **kw):
             "jsd": float(np.mean(jsds)), "jsds": jsds, "seconds": sum(r["seconds"] for r in runs)}
 
 
-def u_inputs(gen_path, refs, ds, n_gen, max_showers, conditions, progress):
-    """cls-u rows [ln E_inc, logit u] (condition file or true u's), standardised by the reference's mean and std."""
-    gen = common.read_conditions(gen_path, ds, n_gen)[:2] if conditions else \
-        common.load_u([gen_path], ds, max_showers, progress=progress)
-    feats = [torch.cat([e.log()[:, None], common.logit(u)], 1)
-             for e, u in (gen, common.load_u(refs, ds, max_showers, progress=progress))]
+def u_rows(e_gen, u_gen, e_ref, u_ref):
+    """cls-u rows [ln E_inc, logit u] (float32) of two samples, standardised by the reference's mean and std."""
+    feats = [torch.cat([e.log()[:, None], common.logit(u)], 1) for e, u in ((e_gen, u_gen), (e_ref, u_ref))]
     mu, sd = feats[1].mean(0), feats[1].std(0).clamp_min(1e-6)
     return tuple(((f - mu) / sd).float().numpy() for f in feats)
 
@@ -668,7 +665,9 @@ def run_modes(summary, work, gen_path, refs, ds, modes, conditions, kw):
         times["hist"] = time.time() - t - times.get("hist_plots", 0.0)
     inputs = {"cls-low": lambda: low, "cls-resnet": lambda: low,
               "cls-high": lambda: [feature_matrix(s["features"]).astype(np.float32) for s in (gen, ref)],
-              "cls-u": lambda: u_inputs(gen_path, refs, ds, n_gen, max_showers, conditions, progress)}
+              "cls-u": lambda: u_rows(*(common.read_conditions(gen_path, ds, n_gen)[:2] if conditions else  # true u's
+                                        common.load_u([gen_path], ds, max_showers, progress=progress)),
+                                      *common.load_u(refs, ds, max_showers, progress=progress))}
     run_classifiers(summary, work, modes, inputs, ds, kw["seed"], kw["cls_repeats"], kw["plots"], kw["cls"])
     if "fpd" in modes:
         t = time.time()

@@ -220,6 +220,8 @@ def run_cli(*args):
 def test_cli_errors(files, tmp_path):
     for args, words in ((("-i", tmp_path / "missing.hdf5", "-r", files / "ref.hdf5"), "not found"),
                         (("-i", files / "gen.hdf5", "-r", files / "ref.hdf5", "--ds", "4"), "--ds must be 2 or 3"),
-                        (("-i", files / "gen.hdf5", "-r", files / "ref.hdf5", "--ds", "3"), "use --ds 2")):
-        r = run_cli(*args, "--out", tmp_path / "o")
+                        (("-i", files / "gen.hdf5", "-r", files / "ref.hdf5", "--ds", "3"), "use --ds 2"),
+                        (("-i", files / "gen.hdf5", "-r", files / "ref.hdf5", "--out", files), "exists; pass --overwrite")):
+        r = run_cli(*args, *([] if "--out" in args else ["--out", tmp_path / "o"]))
         assert r.returncode == 1 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))

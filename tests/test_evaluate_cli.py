@@ -28,11 +28,6 @@ def pair(tmp_path_factory):
     return folder
 
 
-def cli(*args, **kw):
-    return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *map(str, args), "--no-progress", "--no-plots"],
-                          capture_output=True, text=True, cwd=ROOT, **kw)
-
-
 def hidden(folder):
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
@@ -61,12 +56,11 @@ def test_existing_out_is_refused_then_replaced_with_overwrite(pair, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    r = cli("-i", pair / "gen.hdf5", "-r", pair / "ref.hdf5", "-m", "timing", "--out", out)
-    assert r.returncode == 1 and r.stderr.strip() == f"error: {out} exists; pass --overwrite to replace it"
+    with pytest.raises(FileExistsError, match="exists; pass --overwrite to replace it"):
+        ev.evaluate(pair / "gen.hdf5", pair / "ref.hdf5", 2, modes=("timing",), out_dir=out, **FAST)
     assert sorted(os.listdir(out)) == ["old.txt"] and hidden(tmp_path) == []
-    r = cli("-i", pair / "gen.hdf5", "-r", pair / "ref.hdf5", "-m", "timing", "--out", out, "--overwrite")
-    assert r.returncode == 0, r.stderr
-    assert sorted(os.listdir(out)) == ["summary.json"] and hidden(tmp_path) == []
+    ev.evaluate(pair / "gen.hdf5", pair / "ref.hdf5", 2, modes=("hist",), out_dir=out, overwrite=True, **FAST)
+    assert sorted(os.listdir(out)) == ["separation_powers.txt", "summary.json"] and hidden(tmp_path) == []
 
 
 def test_stale_work_folders_of_dead_runs_are_removed(pair, tmp_path):
@@ -102,6 +96,6 @@ def test_error_during_the_run_leaves_nothing(pair, tmp_path):
     with h5py.File(pair / "gen.hdf5", "r") as f, h5py.File(bad, "w") as g:
         g["incident_energies"], g["showers"] = f["incident_energies"][:], f["showers"][:]
         g["showers"][5, 3] = np.nan
-    r = cli("-i", bad, "-r", pair / "ref.hdf5", "-m", "hist", "--out", tmp_path / "o")
-    assert r.returncode == 1 and r.stderr.startswith("error: ") and "NaN" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and sorted(os.listdir(tmp_path)) == ["bad.hdf5"]
+    with pytest.raises(common.DataError, match="NaN"):  # found while reading, after the work folder was made
+        ev.evaluate(bad, pair / "ref.hdf5", 2, modes=("hist",), out_dir=tmp_path / "o", **FAST)
+    assert sorted(os.listdir(tmp_path)) == ["bad.hdf5"]
