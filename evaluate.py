@@ -435,7 +435,7 @@ def prdc(real, fake, k=PRDC_K, device=None, rows=None, cols=4096, progress=False
                 yield i, j, d.sqrt_()
 
     def radii(x):
-        r = torch.empty(len(x), dtype=dt, device=dev)
+        r, best = torch.empty(len(x), dtype=dt, device=dev), None
         for i, j, d in pairs(x, x):  # column blocks of one row block come in order: keep the k+1 smallest
             best = d if j == 0 else torch.cat([best, d], 1)
             best = best.topk(min(k + 1, best.shape[1]), 1, largest=False).values
