@@ -1,31 +1,38 @@
 """CaloChallenge evaluation of generated showers, datasets 2 and 3 (paper Sec. 4; SPEC 3).
 
-    python evaluate.py -i gen.hdf5 -r data/dataset_2_2.hdf5 --ds 2                  # everything, official settings
-    python evaluate.py -i gen.hdf5 -r data/dataset_3_3.hdf5 data/dataset_3_4.hdf5 --ds 3 -m hist fpd
+    python evaluate.py -i gen.hdf5 -r data/dataset_2_2.hdf5 --ds 2                  # all modes, official settings
+    python evaluate.py -i gen.hdf5 -r data/dataset_3_3.hdf5 data/dataset_3_4.hdf5 --ds 3 -m hist fpd prdc
+    python evaluate.py -i gen.hdf5 -r data/dataset_2_2.hdf5 --ds 2 -m cls-resnet     # the CaloChallenge "CNN" AUC
+    python evaluate.py -i u_samples.hdf5 -r data/dataset_2_2.hdf5 --ds 2 --cls-repeats 3   # energy network: cls-u
     python evaluate.py -i data/toy_ds2_train.hdf5 --toy -m all --cls-epochs 5 --cls-width 256   # CPU quick run
 
-Modes (-m, several allowed; default all):
-  hist      high-level features (E_tot/E_inc; per layer E_layer, EC_x, EC_y, width_x, width_y, EC_r,
-            width_r, sparsity; voxel energies), separation powers, one PNG per feature family
-  cls-low   official DNN classifier on [log10 E_inc, voxels / E_inc]: calibrated AUC and JSD
-  cls-high  the same DNN on the 362 high-level features
-  weights   classifier weights w = p/(1-p) of reference and generated showers (paper Eq. 21, Fig. 10);
-            written for every classifier that runs (weights alone runs cls-low)
-  fpd       FPD and KPD (x1e3, with errors) on the 362 high-level features
-  timing    sampling time found in the generated file's attributes or a sidecar GEN.json
-Everything lands in --out (default eval/<input stem>-ds<N>/): summary.json (every number),
+Modes (-m, several allowed; default all = every mode but cls-resnet, like the official 'all'):
+  hist        high-level features (E_tot/E_inc; per layer E_layer, EC_x, EC_y, width_x, width_y, EC_r, width_r,
+              sparsity; voxel energies), separation powers, one PNG per feature family
+  cls-low     official DNN classifier on [log10 E_inc, voxels / E_inc]: calibrated AUC and JSD
+  cls-high    the same DNN on the 362 high-level features
+  cls-resnet  official 3-D ResNet-18 ("CNN" column, 2.5M parameters) on the cls-low input: GPU minutes, CPU hours
+  cls-u       the DNN on [ln E_inc, logit u] (46 numbers, standardised by the reference): scores the energy network;
+              the input may be a condition file (energy.py --sample), for which all = cls-u and nothing else applies
+  weights     classifier weights w = p/(1-p) (paper Eq. 21, Fig. 10), for every classifier run (alone: cls-low)
+  fpd         FPD and KPD (x1e3, with errors) on the 362 high-level features
+  prdc        precision, recall, density, coverage (k = 5) of log10 voxel energies (zeros as 0.1 MeV), reference = real
+  timing      sampling time found in the generated file's attributes or a sidecar GEN.json
+--cls-repeats K: each classifier reports the mean AUC / JSD of K seeds (seed, seed+1, ...), auc_std and aucs.
+--out (default eval/<input stem>-ds<N>/; an existing one only with --overwrite) is built in a hidden folder beside it
+and renamed at the end, so a killed run leaves no partial folder: summary.json (every number, written last),
 separation_powers.txt, *.png, cls_<kind>_weights.npz.
 
-Both samples get the 15.15 keV cut; features are computed in float64 from float64 chunks of the files
-(like the official evaluator); classifier inputs are stored in float32 and streamed batch by batch (a
-disk-backed array when they exceed --ram-gb, e.g. DS3 low-level). Label reference = 1. What to expect:
-Geant4 vs Geant4 gives AUCs of 0.50, FPD x1e3 ~ 10 (DS2), KPD x1e3 ~ 0; CaloDREAM DS2 0.53 / 0.52
-(SPEC 4). The official classifier (2048 wide, 50 epochs) takes minutes per classifier on one GPU and
-hours on a CPU: use --cls-epochs/--cls-width/--max-showers for quick runs.
+Both samples get the 15.15 keV cut; features are computed in the files' own dtype, as the official evaluator does
+(float64 files: float64). Classifier rows (float32) and PRDC rows are streamed batch by batch (disk-backed float32
+above --ram-gb). Label reference = 1. Geant4 vs Geant4: AUCs 0.50, FPD x1e3 ~ 10 (DS2), KPD x1e3 ~ 0; CaloDREAM DS2
+0.53 / 0.52 (SPEC 4). The official classifiers take minutes on one GPU, hours on a CPU: see --cls-epochs/--cls-width.
 """
 import argparse
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -40,7 +47,9 @@ from tqdm import tqdm
 import common
 from common import MIN_ENERGY, N_LAYERS
 
-MODES = ("hist", "cls-low", "cls-high", "weights", "fpd", "timing")
+MODES = ("hist", "cls-low", "cls-high", "cls-resnet", "cls-u", "weights", "fpd", "prdc", "timing")
+CLASSIFIERS = ("cls-low", "cls-high", "cls-resnet", "cls-u")
+MIN_CLASSIFIER, MIN_FPD, PRDC_K = 5, 2, 5  # least showers per sample: a 3/1/1 split, a covariance; PRDC's k
 LAYER_KEYS = ("e_layer", "ec_x", "ec_y", "width_x", "width_y", "ec_r", "width_r", "sparsity")
 LINEAR_BINS = {"etot_einc": (0.5, 1.5, 101), "ec_x": (-30, 30, 101), "ec_y": (-30, 30, 101),  # SPEC 3
                "width_x": (0, 30, 101), "width_y": (0, 30, 101), "ec_r": (0, 42, 101),
@@ -52,18 +61,22 @@ LABELS = {"etot_einc": "E_tot / E_inc", "e_layer": "E_layer [MeV]", "ec_x": "EC_
 
 
 # ----------------------------------------------------------------------------- high-level features
-def high_level_features(e_inc, showers, ds, threshold=MIN_ENERGY):
-    """SPEC 3 features of showers (N, n_vox) MeV, in float64 and with the official arithmetic.
+def _floating(a):
+    a = np.asarray(a)
+    return a if np.issubdtype(a.dtype, np.floating) else a.astype(np.float64)
 
-    Voxels below `threshold` are set to 0 first (None: already cut). Returns a dict of e_inc, e_tot (N,)
-    and e_layer, ec_x, ec_y, width_x, width_y, ec_r, width_r, sparsity (N, 45)."""
-    x = np.asarray(showers, dtype=np.float64) if threshold is None else np.array(showers, dtype=np.float64)
-    if threshold is not None:  # (on a copy)
+
+def high_level_features(e_inc, showers, ds, threshold=MIN_ENERGY):
+    """SPEC 3 features of showers (N, n_vox) MeV with the official arithmetic, in the input's dtype as there (float32:
+    float32 E_tot and E_layer; EC and widths float64). Voxels below `threshold` are zeroed on a copy (None: already
+    cut). Returns e_inc, e_tot (N,) and e_layer, ec_x, ec_y, width_x, width_y, ec_r, width_r, sparsity (N, 45)."""
+    x = _floating(showers) if threshold is None else _floating(showers).copy()
+    if threshold is not None:
         x[x < threshold] = 0.0
     pos_x, pos_y, pos_r = common.geometry(ds).voxel_xyr()
     e = x.reshape(len(x), N_LAYERS, -1)
     e_layer = e.sum(-1)
-    out = {"e_inc": np.asarray(e_inc, np.float64).reshape(-1), "e_tot": x.sum(-1), "e_layer": e_layer}
+    out = {"e_inc": _floating(e_inc).reshape(-1), "e_tot": x.sum(-1), "e_layer": e_layer}
     for name, pos in (("x", pos_x), ("y", pos_y), ("r", pos_r)):
         centre = (pos * e).sum(-1) / (e_layer + 1e-16)
         second = (pos * pos * e).sum(-1) / (e_layer + 1e-16)
@@ -80,23 +93,38 @@ def feature_matrix(f):
                            f["ec_r"] / 1e2, f["width_r"] / 1e2], axis=1)
 
 
-def scan(paths, ds, max_showers=None, features=True, low=None, vox_edges=None, progress=True):
-    """One pass over CaloChallenge files in float64 chunks (common.iter_showers; negative voxels allowed, the
-    cut removes them): the 15.15 keV cut, then (optionally) the high-level features, the low-level classifier
-    rows [log10 E_inc, voxels / E_inc] written into the float32 array `low` (its first len(low) showers), and
-    voxel-energy counts on `vox_edges`."""
+def file_dtypes(paths, ds):
+    """dtypes of incident_energies and showers in CaloChallenge files: the official evaluator computes in them."""
+    found = []
+    for path in paths:
+        f, _ = common.open_showers(path, ds)
+        found.append((f["incident_energies"].dtype, f["showers"].dtype))
+        f.close()
+    return tuple(_floating(np.zeros(0, np.result_type(*col))).dtype for col in zip(*found))
+
+
+def scan(paths, ds, max_showers=None, features=True, low=None, vox_edges=None, progress=True, prdc=None):
+    """One pass over CaloChallenge files (common.iter_showers' chunks, back in the files' own dtype, which is exact;
+    negative voxels allowed: the cut removes them): the 15.15 keV cut, then optionally the high-level features, the
+    rows [log10 E_inc, voxels / E_inc] into `low` and log10(voxels, 0 -> 0.1 MeV) into `prdc` (their first len()
+    showers), and voxel-energy counts on `vox_edges`."""
+    paths = list(paths)
+    dt_e, dt_x = file_dtypes(paths, ds)
     chunk = max(1, 2 ** 28 // (8 * common.geometry(ds).n_vox))  # ~256 MB of float64 per chunk
-    parts, vmax, done = [], 0.0, 0
+    parts, vmax, done = [], None, 0
     counts = None if vox_edges is None else np.zeros(len(vox_edges) - 1, np.int64)
     for e, x in common.iter_showers(paths, ds, max_showers, chunk, progress, nonnegative=False):
+        e, x = e.astype(dt_e, copy=False), x.astype(dt_x, copy=False)
         x[x < MIN_ENERGY] = 0.0
-        vmax = max(vmax, float(x.max()))
+        vmax = x.max() if vmax is None else max(vmax, x.max())  # a numpy scalar of the file dtype
         if features:
             parts.append(high_level_features(e, x, ds, threshold=None))
-        if low is not None and done < len(low):
-            k = min(len(e), len(low) - done)
-            low[done:done + k, 0] = np.log10(e[:k])
-            low[done:done + k, 1:] = x[:k] / e[:k, None]
+        k = min(len(e), len(low) - done) if low is not None else 0
+        if k > 0:
+            low[done:done + k, 0], low[done:done + k, 1:] = np.log10(e[:k]), x[:k] / e[:k, None]
+        k = min(len(e), len(prdc) - done) if prdc is not None else 0
+        if k > 0:
+            prdc[done:done + k] = np.log10(np.where(x[:k] == 0, x.dtype.type(0.1), x[:k]))
         if counts is not None:
             counts += np.histogram(x, vox_edges)[0]
         done += len(e)
@@ -105,17 +133,23 @@ def scan(paths, ds, max_showers=None, features=True, low=None, vox_edges=None, p
 
 
 # ----------------------------------------------------------------------------- separation power
-def separation_power(p_hist, q_hist):
-    """S = 1/2 sum (p - q)^2 / (p + q + 1e-16) of two histograms on common edges, each normalised to
-    unit sum (counts or densities x widths); 0 = identical, 1 = disjoint, nan if one is empty."""
+def separation_power(p_hist, q_hist, edges=None):
+    """S = 1/2 sum (p - q)^2 / (p + q + 1e-16) of two histograms on common edges, each normalised to unit sum;
+    with `edges`, as the official code does it (density = counts / width / total, times width: the same to 1e-16,
+    and digit for digit). 0 = identical, 1 = disjoint, nan if one is empty."""
     p, q = np.asarray(p_hist, np.float64), np.asarray(q_hist, np.float64)
     if p.sum() <= 0 or q.sum() <= 0:
         return float("nan")
-    p, q = p / p.sum(), q / q.sum()
+    w = np.ones_like(p) if edges is None else np.diff(edges).astype(np.float64)
+    p, q = p / w / p.sum() * w, q / w / q.sum() * w
     return float(0.5 * ((p - q) ** 2 / (p + q + 1e-16)).sum())
 
 
 def hist_edges(key, ref_max=None):
+    """SPEC 3 edges; the log ones end at 10**log10(reference max) in the dtype of the maximum, as the official code
+    does. That edge is within rounding of the maximum, so whether the largest value counts follows the last bit of
+    numpy's log10 and power, which differ between numpy builds (1.26 vs 2.4 on AVX-512: 7 of 45 DS2 E_layer
+    separation powers differ by up to 3e-4, in the official evaluator as here)."""
     if key in LOG_BINS:
         return np.logspace(np.log10(MIN_ENERGY), np.log10(ref_max), LOG_BINS[key]) if ref_max > MIN_ENERGY else None
     return np.linspace(*LINEAR_BINS[key])
@@ -135,11 +169,11 @@ def histograms(f_gen, f_ref):
                 out[key].append((None, None, None, float("nan")))
                 continue
             n_ref, n_gen = np.histogram(r[:, l], edges)[0], np.histogram(g[:, l], edges)[0]
-            out[key].append((edges, n_ref, n_gen, separation_power(n_ref, n_gen)))
+            out[key].append((edges, n_ref, n_gen, separation_power(n_ref, n_gen, edges)))
     return out
 
 
-# ----------------------------------------------------------------------------- classifier (SPEC 3)
+# ----------------------------------------------------------------------------- classifiers (SPEC 3)
 def roc_auc(y, score):
     """ROC AUC = P(score | y=1 > score | y=0) + P(tie)/2, from average ranks."""
     y, s = np.asarray(y).astype(bool), np.asarray(score, np.float64)
@@ -176,23 +210,54 @@ class DNN(nn.Sequential):
         super().__init__(*layers, nn.Linear(width, 1))
 
 
+class ResNet(nn.Module):
+    """The CaloChallenge "CNN" (official code/resnet.py, generate_model(18)); 2,516,644 parameters on either dataset.
+    A 3-D ResNet-18 of widths 32/64/64/128 on voxels / E_inc as one channel (layers, alpha, r): conv 7^3 stride 2 + BN
+    + ReLU + max-pool 3/2; 4 stages of 2 residual blocks [conv 3^3 (stride 2 in the first block from stage 2), BN,
+    ReLU, conv 3^3, BN; shortcut: 1^3 conv + BN where the shape changes; ReLU]; global average pool; log10 E_inc
+    through BatchNorm1d joins the 128 channels in Linear(129, 1). Kaiming-normal (fan_out) convolutions, no biases.
+    Input rows [log10 E_inc, voxels / E_inc]."""
+
+    def __init__(self, image, widths=(32, 64, 64, 128)):
+        super().__init__()
+        conv = lambda i, o, k, s: nn.Sequential(nn.Conv3d(i, o, k, s, k // 2, bias=False), nn.BatchNorm3d(o))
+        self.image, c, self.blocks = tuple(image), widths[0], nn.ModuleList()
+        self.stem = nn.Sequential(conv(1, c, 7, 2), nn.ReLU(inplace=True), nn.MaxPool3d(3, 2, 1))
+        for i, w in enumerate(widths):
+            for stride in (2 if i else 1, 1):
+                body = nn.Sequential(conv(c, w, 3, stride), nn.ReLU(inplace=True), conv(w, w, 3, 1))
+                shortcut = nn.Identity() if (stride, c) == (1, w) else conv(c, w, 1, stride)
+                self.blocks.append(nn.ModuleList([body, shortcut]))
+                c = w
+        self.e_norm, self.fc = nn.BatchNorm1d(1), nn.Linear(c + 1, 1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        h = self.stem(x[:, 1:].reshape(-1, 1, *self.image))
+        for body, shortcut in self.blocks:
+            h = F.relu(body(h) + shortcut(h))
+        return self.fc(torch.cat([h.mean((2, 3, 4)), self.e_norm(x[:, :1])], 1))
+
+
 def split_sizes(n):
     """Showers per class for train and test: 60k/20k for full-size files, else 0.6/0.2; the rest validates."""
     return (60_000, 20_000) if n >= 100_000 else (int(n * 0.6), int(n * 0.2))
 
 
 def classify(x_gen, x_ref, seed=0, epochs=50, width=2048, batch_size=1000, lr=2e-4, device=None,
-             hidden=3, progress=True, name="classifier"):
-    """Two-sample DNN test of SPEC 3 on any (N, d) feature arrays (numpy or memmap, read per batch as
-    float32). Label reference = 1. Trains with BCE, Adam, keeps the epoch of best test accuracy,
-    calibrates with isotonic regression on test, reports AUC and JSD = (ln 2 - BCE)/ln 2 on validation,
-    and the weights w = p/(1-p) of the validation showers of both classes."""
+             hidden=3, progress=True, name="classifier", image=None):
+    """Two-sample test of SPEC 3 on (N, d) arrays (numpy or memmap, read per batch as float32) with the DNN, or the
+    ResNet for `image` = (layers, alpha, r). Label reference = 1. BCE, Adam, the epoch of best test accuracy, isotonic
+    calibration on test; AUC and JSD = (ln 2 - BCE)/ln 2 on validation, and the weights w = p/(1-p) there."""
     t0, device = time.time(), common.pick_device(device)
     arrays = [x.detach().cpu().numpy() if torch.is_tensor(x) else x for x in (x_gen, x_ref)]
     n, d = min(len(arrays[0]), len(arrays[1])), arrays[0].shape[1]
     n_train, n_test = split_sizes(n)
     if min(n_train, n_test, n - n_train - n_test) < 1:
-        raise ValueError(f"{n} showers per class are too few for a train/test/validation split")
+        raise ValueError(f"{n} showers per class are too few for a train/test/validation split "
+                         f"(at least {MIN_CLASSIFIER})")
     rng = np.random.default_rng(seed)
     parts = [np.split(rng.permutation(len(x))[:n], [n_train, n_train + n_test]) for x in arrays]
     train, test, val = ([np.stack([np.full(len(parts[c][k]), c), parts[c][k]], 1) for c in (0, 1)] for k in range(3))
@@ -213,15 +278,15 @@ def classify(x_gen, x_ref, seed=0, epochs=50, width=2048, batch_size=1000, lr=2e
                                for i in range(0, len(rows), batch_size)])
 
     with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):  # leave the caller's RNGs alone
-        torch.manual_seed(seed)
-        model = DNN(d, width, hidden).to(device)  # initialised on the CPU: the same weights on any device
+        torch.manual_seed(seed)  # initialised on the CPU: the same weights on any device
+        model = (ResNet(image) if image else DNN(d, width, hidden)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     best, best_epoch, best_state, history = -1.0, 0, None, []
     bar = tqdm(range(epochs), desc=name, disable=not progress, leave=False)
     for epoch in bar:
         model.train()
         order, losses = rng.permutation(len(train)), []
-        for i in range(0, len(train), batch_size):
+        for i in range(0, len(train) - (image is not None), batch_size):  # BatchNorm: no 1-row last batch
             xb, yb = batch(train[order[i:i + batch_size]])
             loss = F.binary_cross_entropy_with_logits(model(xb).squeeze(1), yb)
             opt.zero_grad(set_to_none=True)
@@ -248,6 +313,21 @@ def classify(x_gen, x_ref, seed=0, epochs=50, width=2048, batch_size=1000, lr=2e
             "history": history, "n_train": len(train), "n_test": len(test), "n_val": len(val),
             "parameters": common.count_parameters(model), "seconds": time.time() - t0,
             "weights_gen": w[y == 0], "weights_ref": w[y == 1]}
+
+
+def classify_repeats(x_gen, x_ref, repeats=1, seed=0, **kw):
+    """classify() with seeds seed, seed+1, ...: the first run's details; auc, jsd = means, auc_std, aucs, jsds."""
+    runs = [classify(x_gen, x_ref, seed=seed + k, **kw) for k in range(repeats)]
+    aucs, jsds = [r["auc"] for r in runs], [r["jsd"] for r in runs]
+    return {**runs[0], "auc": float(np.mean(aucs)), "auc_std": float(np.std(aucs)), "aucs": aucs,
+            "jsd": float(np.mean(jsds)), "jsds": jsds, "seconds": sum(r["seconds"] for r in runs)}
+
+
+def u_rows(e_gen, u_gen, e_ref, u_ref):
+    """cls-u rows [ln E_inc, logit u] (float32) of two samples, standardised by the reference's mean and std."""
+    feats = [torch.cat([e.log()[:, None], common.logit(u)], 1) for e, u in ((e_gen, u_gen), (e_ref, u_ref))]
+    mu, sd = feats[1].mean(0), feats[1].std(0).clamp_min(1e-6)
+    return tuple(((f - mu) / sd).float().numpy() for f in feats)
 
 
 # ----------------------------------------------------------------------------- FPD / KPD (SPEC 3)
@@ -325,6 +405,59 @@ def fpd_kpd(feat_gen, feat_ref, seed=0, device=None, n_min=10000, n_max=50000, n
             "kpd_err": 1e3 * float(kpd_err), "fpd_n": ns.tolist(), "fpd_curve": (1e3 * np.array(fds)).tolist()}
 
 
+# ----------------------------------------------------------------------------- PRDC (official: the prdc package)
+def prdc(real, fake, k=PRDC_K, device=None, rows=None, cols=4096, progress=False):
+    """Precision, recall, density, coverage (Naeem et al. 2020) of fake vs real (N, d) arrays (numpy or memmap), with
+    the arithmetic of the `prdc` package the official evaluator calls: distances sqrt(max(0, -2 a.b + |a|^2 + |b|^2))
+    in float64 (rounded to float32 first for float32 rows, as sklearn does), 0 to itself; radius = the (k+1)-th
+    smallest distance within the own set; strict comparisons. Blocks of rows x cols points on `device` (rows: 2 GB
+    of float64), so memory is bounded for any N."""
+    dev = common.pick_device(device)
+    dt = torch.float64 if np.result_type(real.dtype, fake.dtype) == np.float64 else torch.float32
+    rows = rows or max(1, min(len(real), len(fake), 2 ** 28 // real.shape[1]))
+    n_blocks = sum(-(-len(a) // rows) * -(-len(b) // cols) for a, b in ((real, real), (fake, fake), (real, fake)))
+    bar = tqdm(total=n_blocks, desc="prdc", disable=not progress, leave=False)
+
+    def blocks(x, size):
+        for s in range(0, len(x), size):
+            b = torch.as_tensor(np.asarray(x[s:s + size]), device=dev).double()
+            yield s, b, (b * b).sum(1)
+
+    def pairs(a, b):  # (i, j, distances of rows i.. of a to rows j.. of b)
+        for i, xa, na in blocks(a, rows):
+            for j, xb, nb in blocks(b, cols):
+                d = (xa @ xb.T).mul_(-2).add_(na[:, None]).add_(nb[None, :]).to(dt).clamp_(min=0)
+                lo, hi = max(i, j), min(i + len(xa), j + len(xb))
+                if a is b and lo < hi:
+                    at = torch.arange(lo, hi, device=dev)
+                    d[at - i, at - j] = 0
+                bar.update()
+                yield i, j, d.sqrt_()
+
+    def radii(x):
+        r, best = torch.empty(len(x), dtype=dt, device=dev), None
+        for i, j, d in pairs(x, x):  # column blocks of one row block come in order: keep the k+1 smallest
+            best = d if j == 0 else torch.cat([best, d], 1)
+            best = best.topk(min(k + 1, best.shape[1]), 1, largest=False).values
+            if j + d.shape[1] == len(x):
+                r[i:i + len(d)] = best.max(1).values
+        return r
+
+    r_real, r_fake = radii(real), radii(fake)
+    count = torch.zeros(len(fake), dtype=torch.int64, device=dev)  # real k-NN balls holding each fake point
+    recalled = torch.zeros(len(real), dtype=torch.bool, device=dev)  # real points inside some fake ball
+    nearest = torch.full((len(real),), math.inf, dtype=dt, device=dev)  # nearest fake point of each real one
+    for i, j, d in pairs(real, fake):
+        ri, fj = slice(i, i + d.shape[0]), slice(j, j + d.shape[1])
+        count[fj] += (d < r_real[ri, None]).sum(0)
+        recalled[ri] |= (d < r_fake[None, fj]).any(1)
+        nearest[ri] = torch.minimum(nearest[ri], d.min(1).values)
+    bar.close()
+    mean = lambda t: t.double().mean().item()
+    return {"precision": mean(count > 0), "recall": mean(recalled), "density": (1.0 / k) * mean(count),
+            "coverage": mean(nearest < r_real), "k": k, "n_real": len(real), "n_fake": len(fake)}
+
+
 # ----------------------------------------------------------------------------- plots (lazy matplotlib)
 def plot_family(path, title, panels, logx=False, logy=False):
     """CaloChallenge-style panels: reference filled, generated as a line, generated/reference below.
@@ -376,6 +509,82 @@ def plot_histograms(out, hists):
         plot_family(out / f"{key}.png", LABELS[key], panels, key in LOG_BINS, key not in ("etot_einc", "sparsity"))
 
 
+# ----------------------------------------------------------------------------- output folder, checks
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        pass
+    return True
+
+
+def claim_out(out):
+    """Create the hidden work folder .<out>.<pid>.tmp beside out, after removing those of dead runs (pid gone)."""
+    prefix = f".{out.name}."
+    for old in out.parent.glob(f"{prefix}*") if out.parent.is_dir() else ():
+        pid = old.name[len(prefix):].split(".")[0]
+        if old.is_dir() and pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+            shutil.rmtree(old, ignore_errors=True)
+    (work := out.parent / f"{prefix}{os.getpid()}.tmp").mkdir(parents=True)
+    return work
+
+
+def publish(work, out):
+    """Rename the finished work folder to out (disk-backed rows deleted); an old out (--overwrite) goes only now."""
+    for rows in work.glob(".*.npy"):  # unlinking a mapped file is fine on POSIX: the pages go with the last reference
+        rows.unlink()
+    old = out.parent / f".{out.name}.{os.getpid()}.old"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(work, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def plan(modes, conditions, gen_path):
+    """The set of modes to run; a condition file as input allows cls-u only."""
+    modes = set(modes)
+    if modes - set(MODES) - {"all"}:
+        raise ValueError(f"unknown mode(s) {sorted(modes - set(MODES) - {'all'})}; choose from {MODES + ('all',)}")
+    if conditions and modes - {"all", "cls-u"}:
+        raise ValueError(f"{gen_path} is a condition file (E_inc and u's): only -m cls-u (or all) applies, not "
+                         f"{' '.join(sorted(modes - {'all', 'cls-u'}))}")
+    if conditions:
+        return {"cls-u"}
+    if "all" in modes:
+        modes = (modes - {"all"}) | (set(MODES) - {"cls-resnet"})
+    if "weights" in modes and not modes & set(CLASSIFIERS):
+        modes.add("cls-low")
+    return modes
+
+
+def check_counts(modes, n):
+    for wanted, least, what in (("hist" in modes, 1, "histograms"),
+                                (modes & set(CLASSIFIERS), MIN_CLASSIFIER, "a classifier's 0.6/0.2/0.2 split"),
+                                ("fpd" in modes, MIN_FPD, "FPD/KPD (a covariance, the unbiased MMD)"),
+                                ("prdc" in modes, PRDC_K + 1, f"PRDC with k = {PRDC_K} (k neighbours besides itself)")):
+        if wanted and n < least:
+            raise ValueError(f"{n} showers per sample are too few for {what}: it needs at least {least}")
+
+
+def condition_rows(path):
+    """Rows of a condition file (E_inc and u's); None for anything else (the shower reader judges it)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return len(f["u"]) if "u" in f and "showers" not in f else None
+    except (OSError, ValueError):
+        return None
+
+
+def row_arrays(work, name, shapes, dtype, ram_gb):
+    """(gen, ref) arrays of rows: in RAM, or disk-backed float32 in the work folder above --ram-gb."""
+    disk = sum(math.prod(s) for s in shapes) * np.dtype(dtype).itemsize > ram_gb * 2 ** 30
+    print(f"{name} rows: {shapes} {'float32 on disk' if disk else np.dtype(dtype).name + ' in RAM'}")
+    return [np.lib.format.open_memmap(work / f".{name}_{k}.npy", "w+", np.float32, s) if disk else np.empty(s, dtype)
+            for k, s in zip(("gen", "ref"), shapes)]
+
+
 # ----------------------------------------------------------------------------- the evaluation
 def timing_info(gen_path):
     """Sampling-time numbers from the generated file's root attributes or a sidecar GEN.json / GEN.hdf5.json."""
@@ -398,130 +607,158 @@ def _clean(obj):  # numpy -> JSON (nan -> null)
     return obj.item() if isinstance(obj, np.generic) else obj
 
 
+def run_hist(summary, work, gen, ref, refs, ds, max_showers, vox_edges, plots, progress):
+    hists = histograms(gen["features"], ref["features"])
+    if vox_edges is not None:  # second pass: the voxel edges need the reference maximum first
+        n_ref_vox = scan(refs, ds, max_showers, False, vox_edges=vox_edges, progress=progress)["vox_counts"]
+        hists["voxel"] = [(vox_edges, n_ref_vox, gen["vox_counts"], separation_power(n_ref_vox, gen["vox_counts"], vox_edges))]
+    sep = {k: [h[3] for h in v] if k in LAYER_KEYS else v[0][3] for k, v in hists.items()}
+    summary["separation_power"] = sep
+    summary["separation_power_mean"] = {k: float(np.nanmean(v)) if np.isfinite(v).any() else None for k, v in sep.items()}
+    with open(work / "separation_powers.txt", "w") as f:
+        f.write("# separation power S = 1/2 sum (p-q)^2/(p+q), SPEC 3; per-layer features: one line per layer\n")
+        for k, v in sep.items():
+            f.writelines(f"{k} {l} {s:.9e}\n" for l, s in enumerate(v)) if k in LAYER_KEYS else f.write(f"{k} {v:.9e}\n")
+    if plots:
+        t = time.time()
+        plot_histograms(work, hists)
+        summary["times_s"]["hist_plots"] = time.time() - t
+
+
+def run_classifiers(summary, work, modes, inputs, ds, seed, repeats, plots, cls_kw):
+    panels = []
+    for kind in (k for k in CLASSIFIERS if k in modes):
+        t, key = time.time(), kind.replace("-", "_")
+        r = classify_repeats(*inputs[kind](), repeats, seed=seed, name=kind,
+                             image=common.geometry(ds).shape if kind == "cls-resnet" else None, **cls_kw)
+        w_gen, w_ref = r.pop("weights_gen"), r.pop("weights_ref")
+        np.savez(work / f"{key}_weights.npz", weights_gen=w_gen, weights_ref=w_ref)
+        edges = np.linspace(np.log10(min(w_gen.min(), w_ref.min())) - 1e-9, np.log10(max(w_gen.max(), w_ref.max())) + 1e-9, 51)
+        panels.append((f"{kind}: log10 w, AUC {r['auc']:.4f}", edges,
+                       np.histogram(np.log10(w_ref), edges)[0], np.histogram(np.log10(w_gen), edges)[0]))
+        summary[key], summary["times_s"][key] = r, time.time() - t
+        print(f"{kind}: AUC {r['auc']:.4f}" + (f" +- {r['auc_std']:.4f} ({repeats} seeds)" if repeats > 1 else "")
+              + f"  JSD {r['jsd']:.4f}  (best epoch {r['best_epoch']}, {r['seconds']:.0f} s)")
+    if panels and plots:
+        plot_family(work / "classifier_weights.png", "classifier weights w = p/(1-p) (validation showers)", panels)
+
+
+def run_modes(summary, work, gen_path, refs, ds, modes, conditions, kw):
+    """Read the samples once, run the modes; results go into summary and files into the work folder."""
+    times, n_gen, n_ref = summary["times_s"], summary["config"]["n_gen"], summary["config"]["n_ref"]
+    max_showers, progress, n_vox = kw["max_showers"], kw["progress"], common.geometry(ds).n_vox
+    low = prdc_rows = [None, None]
+    if modes & {"cls-low", "cls-resnet"}:  # float32 rows (DS3: 16 GB per 100k showers), deleted by publish()
+        low = row_arrays(work, "cls_low", [(min(n_gen, n_ref), n_vox + 1)] * 2, np.float32, kw["ram_gb"])
+    if "prdc" in modes:
+        dt = np.result_type(file_dtypes([gen_path], ds)[1], file_dtypes(refs, ds)[1])
+        prdc_rows = row_arrays(work, "prdc", [(n_gen, n_vox), (n_ref, n_vox)], dt, kw["ram_gb"])
+    if modes - {"cls-u", "timing"}:
+        t, feats = time.time(), bool(modes & {"hist", "cls-high", "fpd"})
+        ref = scan(refs, ds, max_showers, feats, low[1], progress=progress, prdc=prdc_rows[1])
+        vox_edges = hist_edges("voxel", ref["vmax"]) if "hist" in modes else None
+        gen = scan([gen_path], ds, max_showers, feats, low[0], vox_edges, progress, prdc_rows[0])
+        times["read"] = time.time() - t
+    if "hist" in modes:
+        t = time.time()
+        run_hist(summary, work, gen, ref, refs, ds, max_showers, vox_edges, kw["plots"], progress)
+        times["hist"] = time.time() - t - times.get("hist_plots", 0.0)
+    inputs = {"cls-low": lambda: low, "cls-resnet": lambda: low,
+              "cls-high": lambda: [feature_matrix(s["features"]).astype(np.float32) for s in (gen, ref)],
+              "cls-u": lambda: u_rows(*(common.read_conditions(gen_path, ds, n_gen)[:2] if conditions else  # true u's
+                                        common.load_u([gen_path], ds, max_showers, progress=progress)),
+                                      *common.load_u(refs, ds, max_showers, progress=progress))}
+    run_classifiers(summary, work, modes, inputs, ds, kw["seed"], kw["cls_repeats"], kw["plots"], kw["cls"])
+    if "fpd" in modes:
+        t = time.time()
+        summary["fpd_kpd"] = fpd_kpd(feature_matrix(gen["features"]), feature_matrix(ref["features"]),
+                                     seed=kw["seed"], device=kw["device"], **(kw["fpd_kw"] or {}))
+        times["fpd_kpd"] = time.time() - t
+    if "prdc" in modes:
+        t = time.time()
+        summary["prdc"] = prdc(prdc_rows[1], prdc_rows[0], device=kw["device"], progress=progress)
+        times["prdc"] = time.time() - t
+    if "timing" in modes:
+        summary["timing"] = timing_info(gen_path)
+
+
 def evaluate(gen_path, ref_path, ds, modes=("all",), out_dir="eval", seed=0, cls_epochs=50, cls_width=2048,
              cls_batch_size=1000, cls_lr=2e-4, max_showers=None, device=None, plots=True, progress=True,
-             ram_gb=12.0, fpd_kw=None):
-    """Run the chosen modes on a generated file against reference file(s); write out_dir/summary.json
-    (and separation_powers.txt, plots, weights) and return the summary dict."""
-    geo = common.geometry(ds)
-    modes = set(MODES) if "all" in modes else set(modes)
-    if modes - set(MODES):
-        raise ValueError(f"unknown mode(s) {sorted(modes - set(MODES))}; choose from {MODES + ('all',)}")
-    if "weights" in modes and not modes & {"cls-low", "cls-high"}:
-        modes.add("cls-low")
-    refs = [ref_path] if isinstance(ref_path, (str, Path)) else list(ref_path)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    n_gen, n_ref = common.count_showers([gen_path], ds, max_showers), common.count_showers(refs, ds, max_showers)
+             ram_gb=12.0, fpd_kw=None, cls_repeats=1, overwrite=False):
+    """Run the chosen modes on a generated file (or a condition file: cls-u) against reference file(s); build
+    out_dir (summary.json last, separation_powers.txt, plots, weights) in a hidden work folder, rename it to
+    out_dir at the end, and return the summary dict."""
+    common.geometry(ds)  # ValueError for a wrong ds
+    for flag, v in (("--cls-epochs", cls_epochs), ("--cls-width", cls_width), ("--cls-batch-size", cls_batch_size),
+                    ("--cls-repeats", cls_repeats), ("--max-showers", 1 if max_showers is None else max_showers)):
+        if v < 1:
+            raise ValueError(f"{flag} must be >= 1, got {v}")
+    out, refs = Path(out_dir), [ref_path] if isinstance(ref_path, (str, Path)) else list(ref_path)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    n_cond = condition_rows(gen_path)
+    conditions, modes = n_cond is not None, plan(modes, n_cond is not None, gen_path)
+    n_gen = min(n_cond, max_showers or n_cond) if conditions else common.count_showers([gen_path], ds, max_showers)
+    n_ref = common.count_showers(refs, ds, max_showers)
+    check_counts(modes, min(n_gen, n_ref))
+    cls = dict(epochs=cls_epochs, width=cls_width, batch_size=cls_batch_size, lr=cls_lr)
     summary = {"config": {"gen": str(gen_path), "ref": [str(r) for r in refs], "ds": ds, "modes": sorted(modes),
-                          "n_gen": n_gen, "n_ref": n_ref, "seed": seed, "cls_epochs": cls_epochs,
-                          "cls_width": cls_width, "cls_batch_size": cls_batch_size, "cls_lr": cls_lr,
-                          "device": str(common.pick_device(device))}, "times_s": {}}
-    times = summary["times_s"]
-    need_feats = bool(modes & {"hist", "cls-high", "fpd"})
-    low = [None, None]
-    if "cls-low" in modes:  # float32 rows, in RAM or disk-backed when too large (DS3: 16 GB per 100k)
-        shape = (min(n_gen, n_ref), geo.n_vox + 1)
-        disk = 2 * 4 * shape[0] * shape[1] > ram_gb * 2 ** 30
-        low = [np.lib.format.open_memmap(out / f".cls_low_{k}.npy", "w+", np.float32, shape) if disk
-               else np.empty(shape, np.float32) for k in ("gen", "ref")]
-        print(f"low-level classifier input: 2 x {shape} float32 {'on disk in ' + str(out) if disk else 'in RAM'}")
+                          "n_gen": n_gen, "n_ref": n_ref, "seed": seed, **{f"cls_{k}": v for k, v in cls.items()},
+                          "cls_repeats": cls_repeats, "device": str(common.pick_device(device))}, "times_s": {}}
+    work = claim_out(out)
     try:
-        t = time.time()
-        ref = scan(refs, ds, max_showers, need_feats, low[1], progress=progress)
-        vox_edges = hist_edges("voxel", ref["vmax"]) if "hist" in modes else None
-        gen = scan([gen_path], ds, max_showers, need_feats, low[0], vox_edges, progress)
-        times["read"] = time.time() - t
-        if "hist" in modes:
-            t = time.time()
-            hists = histograms(gen["features"], ref["features"])
-            if vox_edges is not None:  # second pass: the voxel edges need the reference maximum first
-                n_ref_vox = scan(refs, ds, max_showers, False, vox_edges=vox_edges, progress=progress)["vox_counts"]
-                hists["voxel"] = [(vox_edges, n_ref_vox, gen["vox_counts"], separation_power(n_ref_vox, gen["vox_counts"]))]
-            sep = {k: [h[3] for h in v] if k in LAYER_KEYS else v[0][3] for k, v in hists.items()}
-            summary["separation_power"] = sep
-            summary["separation_power_mean"] = {k: float(np.nanmean(v)) if np.isfinite(v).any() else None
-                                                for k, v in sep.items()}
-            with open(out / "separation_powers.txt", "w") as f:
-                f.write("# separation power S = 1/2 sum (p-q)^2/(p+q), SPEC 3; per-layer features: one line per layer\n")
-                for k, v in sep.items():
-                    f.writelines(f"{k} {l} {s:.9e}\n" for l, s in enumerate(v)) if k in LAYER_KEYS else f.write(f"{k} {v:.9e}\n")
-            times["hist"] = time.time() - t
-            if plots:
-                t = time.time()
-                plot_histograms(out, hists)
-                times["hist_plots"] = time.time() - t
-        inputs = {"cls-low": lambda: (low[0], low[1]),
-                  "cls-high": lambda: tuple(feature_matrix(s["features"]).astype(np.float32) for s in (gen, ref))}
-        weight_panels = []
-        for kind in ("cls-low", "cls-high"):
-            if kind not in modes:
-                continue
-            t = time.time()
-            r = classify(*inputs[kind](), seed=seed, epochs=cls_epochs, width=cls_width, batch_size=cls_batch_size,
-                         lr=cls_lr, device=device, progress=progress, name=kind)
-            w_gen, w_ref = r.pop("weights_gen"), r.pop("weights_ref")
-            np.savez(out / f"{kind.replace('-', '_')}_weights.npz", weights_gen=w_gen, weights_ref=w_ref)
-            edges = np.linspace(np.log10(min(w_gen.min(), w_ref.min())) - 1e-9, np.log10(max(w_gen.max(), w_ref.max())) + 1e-9, 51)
-            weight_panels.append((f"{kind}: log10 w, AUC {r['auc']:.4f}", edges,
-                                  np.histogram(np.log10(w_ref), edges)[0], np.histogram(np.log10(w_gen), edges)[0]))
-            summary[kind.replace("-", "_")] = r
-            times[kind.replace("-", "_")] = time.time() - t
-            print(f"{kind}: AUC {r['auc']:.4f}  JSD {r['jsd']:.4f}  (best epoch {r['best_epoch']}, {r['seconds']:.0f} s)")
-        if weight_panels and plots:
-            plot_family(out / "classifier_weights.png", "classifier weights w = p/(1-p) (validation showers)", weight_panels)
-        if "fpd" in modes:
-            t = time.time()
-            summary["fpd_kpd"] = fpd_kpd(feature_matrix(gen["features"]), feature_matrix(ref["features"]), seed=seed,
-                                         device=device, **(fpd_kw or {}))
-            times["fpd_kpd"] = time.time() - t
-        if "timing" in modes:
-            summary["timing"] = timing_info(gen_path)
+        run_modes(summary, work, gen_path, refs, ds, modes, conditions,
+                  dict(seed=seed, max_showers=max_showers, device=device, plots=plots, progress=progress, ram_gb=ram_gb,
+                       fpd_kw=fpd_kw, cls_repeats=cls_repeats, cls=dict(cls, device=device, progress=progress)))
+        text = json.dumps(_clean(summary), indent=1)
+        common.atomic_write(work / "summary.json", lambda tmp: tmp.write_text(text))
+        publish(work, out)
     finally:
-        for a in low:  # unlinking a mapped file is fine on POSIX: the pages go with the last reference
-            if isinstance(a, np.memmap):
-                Path(a.filename).unlink(missing_ok=True)
-    (out / "summary.json").write_text(json.dumps(_clean(summary), indent=1))
+        shutil.rmtree(work, ignore_errors=True)  # after an error: nothing half-written is left
     return summary
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="CaloChallenge evaluation of generated showers (SPEC 3).")
-    p.add_argument("-i", "--input", required=True, help="generated CaloChallenge HDF5 file")
+    p.add_argument("-i", "--input", required=True, help="generated CaloChallenge file, or a condition file (cls-u)")
     p.add_argument("-r", "--reference", nargs="+", default=None,
                    help="reference file(s); default the held-out files of --ds in --data-dir (or the toy ref)")
     p.add_argument("--ds", type=int, default=2, help="dataset 2 or 3")
-    p.add_argument("-m", "--mode", nargs="+", default=["all"], choices=MODES + ("all",), help="what to evaluate")
+    p.add_argument("-m", "--mode", nargs="+", default=["all"], choices=MODES + ("all",),
+                   help="what to evaluate (all: every mode but cls-resnet)")
     p.add_argument("--data-dir", default="data", help="where the default reference files are")
     p.add_argument("--toy", action="store_true", help="default reference: data/toy_ds{ds}_ref.hdf5")
     p.add_argument("--out", default=None, help="output folder (default eval/<input stem>-ds<N>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (at the end of the run)")
     p.add_argument("--seed", type=int, default=0, help="seeds the classifier split, init and shuffling, and FPD/KPD")
     p.add_argument("--cls-epochs", type=int, default=50, help="classifier epochs (official: 50)")
-    p.add_argument("--cls-width", type=int, default=2048, help="classifier hidden width (official: 2048)")
+    p.add_argument("--cls-width", type=int, default=2048, help="DNN hidden width (official: 2048)")
     p.add_argument("--cls-batch-size", type=int, default=1000, help="classifier batch size (official: 1000)")
     p.add_argument("--cls-lr", type=float, default=2e-4, help="classifier Adam learning rate (official: 2e-4)")
+    p.add_argument("--cls-repeats", type=int, default=1, help="mean AUC of K classifier seeds (seed, seed+1, ...)")
     p.add_argument("--max-showers", type=int, default=None, help="use only the first N showers of each sample")
-    p.add_argument("--device", default=None, help="classifier device (auto: cuda if available)")
-    p.add_argument("--ram-gb", type=float, default=12.0, help="above this, low-level inputs go to a disk-backed array")
+    p.add_argument("--device", default=None, help="classifier, FPD/KPD and PRDC device (auto: cuda if available)")
+    p.add_argument("--ram-gb", type=float, default=12.0, help="above this, classifier/PRDC rows go to disk")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     common.geometry(args.ds)  # ValueError for a wrong --ds
     refs = args.reference or common.data_files(args.ds, args.data_dir, toy=args.toy, split="ref")
-    out = args.out or Path("eval") / f"{Path(args.input).stem}-ds{args.ds}"
+    out = Path(args.out or Path("eval") / f"{Path(args.input).stem}-ds{args.ds}")
     print(f"evaluate: {args.input} vs {[str(r) for r in refs]}, ds {args.ds}, modes {args.mode}, out {out}, "
           f"device {common.pick_device(args.device)}")
     s = evaluate(args.input, refs, args.ds, args.mode, out, args.seed, args.cls_epochs, args.cls_width,
                  args.cls_batch_size, args.cls_lr, args.max_showers, args.device, not args.no_plots,
-                 not args.no_progress, args.ram_gb)
+                 not args.no_progress, args.ram_gb, cls_repeats=args.cls_repeats, overwrite=args.overwrite)
     for k, v in s.get("separation_power_mean", {}).items():
         print(f"separation power {k:10s} {'mean over layers ' if k in LAYER_KEYS else ''}{v}")
     if "fpd_kpd" in s:
         f = s["fpd_kpd"]
         print(f"FPD x1e3 {f['fpd']:.3f} +- {f['fpd_err']:.3f}   KPD x1e3 {f['kpd']:.4f} +- {f['kpd_err']:.4f}")
-    if "timing" in s:
-        print(f"timing: {s['timing']}")
-    print("times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in s["times_s"].items()) + f"\nwrote {Path(out) / 'summary.json'}")
+    for key in ("prdc", "timing"):
+        if key in s:
+            print(f"{key}: {s[key]}")
+    print("times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in s["times_s"].items()) + f"\nwrote {out / 'summary.json'}")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def test_single_voxel_and_empty_layers():
     x[0, per_layer + v] = 0.5 * common.MIN_ENERGY  # layer 1: only a voxel below 15.15 keV -> empty
     a, b = 2 * g.n_r + 1, 10 * g.n_r + 6  # layer 2 of shower 1: two voxels, 3 and 1 MeV
     x[1, 2 * per_layer + a], x[1, 2 * per_layer + b] = 3.0, 1.0
-    f = ev.high_level_features(np.array([100.0, 50.0]), x.astype(np.float32), 2)
+    f = ev.high_level_features(np.array([100.0, 50.0]), x, 2)
     assert f["e_tot"][0] == 10.0 and f["e_layer"][0, 0] == 10.0 and f["e_layer"][0, 1] == 0.0
     assert f["ec_x"][0, 0] == pytest.approx(pos_x[v], abs=1e-12)
     assert f["ec_y"][0, 0] == pytest.approx(pos_y[v], abs=1e-12)
@@ -220,6 +220,8 @@ def run_cli(*args):
 def test_cli_errors(files, tmp_path):
     for args, words in ((("-i", tmp_path / "missing.hdf5", "-r", files / "ref.hdf5"), "not found"),
                         (("-i", files / "gen.hdf5", "-r", files / "ref.hdf5", "--ds", "4"), "--ds must be 2 or 3"),
-                        (("-i", files / "gen.hdf5", "-r", files / "ref.hdf5", "--ds", "3"), "use --ds 2")):
-        r = run_cli(*args, "--out", tmp_path / "o")
+                        (("-i", files / "gen.hdf5", "-r", files / "ref.hdf5", "--ds", "3"), "use --ds 2"),
+                        (("-i", files / "gen.hdf5", "-r", files / "ref.hdf5", "--out", files), "exists; pass --overwrite")):
+        r = run_cli(*args, *([] if "--out" in args else ["--out", tmp_path / "o"]))
         assert r.returncode == 1 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
