@@ -148,9 +148,5 @@ def test_cls_u_on_a_condition_file_and_on_showers(toy_ds2, tmp_path):
     assert x_gen.shape == (300, 46) and abs(x_ref.mean(0)).max() < 1e-5 and abs(x_ref.std(0) - 1).max() < 1e-2
     with pytest.raises(ValueError, match="condition file.*only -m cls-u"):
         ev.evaluate(cond, ref, 2, modes=("hist", "cls-u"), out_dir=tmp_path / "b", **kw)
-    import energy  # the loop cls-u and --cls-repeats replace there: the same numbers
-    e_r, u_r = common.load_u([ref], 2, 300, progress=False)
-    mine = ev.classify_repeats(*ev.u_rows(e_r, u_r * 0.8, e_r, u_r), 2, seed=7, epochs=2, width=16, progress=False)
-    assert mine["aucs"] == [energy.u_classifier(e_r, u_r * 0.8, e_r, u_r, 7 + k, 2, 16, False)["auc"] for k in (0, 1)]
     same = ev.evaluate(ref, ref, 2, modes=("cls-u",), out_dir=tmp_path / "c", **kw)  # true u's of both
     assert abs(same["cls_u"]["auc"] - 0.5) < 0.15

@@ -184,7 +184,7 @@ def main(argv=None):
     for label, gen in samples.items():
         folder = out / "eval" / Path(gen).stem
         evals[label] = chain.run(f"evaluate {label}", ["evaluate.py", "-i", gen, "-r", *ref, "--ds", ds, "-m", "all",
-                                                       "--out", folder, "--seed", args.seed, "--no-progress"]
+                                                       "--out", folder, "--overwrite", "--seed", args.seed, "--no-progress"]
                                  + (["--device", args.device] if args.device else []) + chain.flags("evaluate"),
                                  folder / "summary.json")
     report = write_report(chain, evals)
