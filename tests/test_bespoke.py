@@ -40,7 +40,7 @@ def test_interpolate_hits_grid_and_is_linear():
     assert torch.allclose(out[2], 0.5 * (traj[:, 3] + traj[:, 4]), atol=1e-5) and torch.allclose(out[3], traj[:, -1])
 
 
-@pytest.mark.parametrize("loss_name", ["global", "local"])
+@pytest.mark.parametrize("loss_name", ["global", "local", "local-mse"])
 @pytest.mark.parametrize("kind", ["analytic", "vit"])
 def test_training_lowers_loss(loss_name, kind):
     torch.manual_seed(1)
@@ -85,3 +85,22 @@ def test_cli_trains_for_a_vit_and_a_lavit(chain, tmp_path):
     lavit = bespoke.train(bespoke.parse_args(["--ckpt", str(chain["latent_vit"]), "--steps", "2", "--loss",
                                               "global", *flags]))
     assert common.load_checkpoint(lavit[0])["shape_ckpt"] == str(chain["latent_vit"])
+
+
+def test_local_loss_is_the_sum_of_per_step_rmse():
+    """SPEC 2.5: per shower the sum over steps of the RMSE over its elements, then the mean over the batch."""
+    torch.manual_seed(0)
+    field, x0, cond = nonlinear_velocity(), torch.randn(5, 6), torch.randn(5, 6)
+    traj = bespoke.reference_trajectory(lambda x, t: field(x, t, cond), x0, steps=20)
+    solver = common.BespokeSolver(3)
+    with torch.no_grad():
+        t, b = solver.times(), solver.coefficients()
+        steps = []
+        for i in range(3):  # step i from the reference points: x_ref(t_{i+1}) - (a_i x0 + sum_j b_ij v(x_ref(t_j)))
+            x_ref = bespoke.interpolate(traj, t)
+            pred = solver.a[i] * x0 + sum(b[i, j] * field(x_ref[j], t[j], cond) for j in range(i + 1))
+            steps.append(((pred - x_ref[i + 1]) ** 2).mean(1).sqrt())
+        expected = torch.stack(steps).sum(0).mean()
+        torch.testing.assert_close(bespoke.local_loss(solver, field, x0, cond, traj), expected)
+        mse = torch.stack([s ** 2 for s in steps]).mean()
+        torch.testing.assert_close(bespoke.local_mse_loss(solver, field, x0, cond, traj), mse)
