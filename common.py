@@ -38,8 +38,8 @@ N_LAYERS = 45
 MIN_ENERGY = 0.5e-3 / 0.033  # MeV: the 15.15 keV readout threshold; every voxel below it is 0
 E_MIN, E_MAX = 1e3, 1e6  # MeV: E_inc is log-uniform in [1 GeV, 1 TeV]
 U0_SCALE = 0.35  # f in u_0 = f * E_tot / E_inc (keeps u_0 inside [0, 1])
-LOGIT_EPS = 1e-6  # clamp of the logit transforms
-NOISE = 5e-6  # width of the uniform dequantisation noise on voxel fractions, and the inverse cut
+LOGIT_ALPHA = 1e-6  # the rescaled logit log(y / (1 - y)), y = (1 - 2 alpha) x + alpha (SPEC 2.1)
+FRACTION_CUT = 1e-7  # voxel fractions at or below this are 0, forward and inverse (the submission's cut)
 ZENODO = {2: (6366271, ["dataset_2_1.hdf5"], ["dataset_2_2.hdf5"]),
           3: (6366324, ["dataset_3_1.hdf5", "dataset_3_2.hdf5"], ["dataset_3_3.hdf5", "dataset_3_4.hdf5"])}
 
@@ -351,10 +351,12 @@ def find_newest(pattern, root="runs", what="run", hint=""):
     return found[-1]
 
 
-def split_indices(n, val_fraction=0.1, seed=0):
-    """Deterministic train/validation split of n showers."""
+def split_indices(n, val_fraction=0.01, seed=0, min_val=300):
+    """Deterministic train/validation split of n showers: a share val_fraction, but (when it is > 0) at least
+    min_val showers or a tenth of them, whichever is fewer (the submission trained on all showers: keep it small)."""
     perm = np.random.default_rng(seed).permutation(n)
     n_val = int(round(n * val_fraction))
+    n_val = max(n_val, min(min_val, n // 10)) if val_fraction > 0 else 0
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
@@ -397,13 +399,15 @@ def u_to_energies(e_inc, u):
 
 
 def logit(x):
-    return torch.logit(x, eps=LOGIT_EPS)
+    """The rescaled logit of the submission: log(y / (1 - y)) with y = (1 - 2 alpha) x + alpha; exact 0 and 1 map
+    to finite values, so no clamping."""
+    y = (1 - 2 * LOGIT_ALPHA) * x + LOGIT_ALPHA
+    return torch.log(y) - torch.log1p(-y)
 
 
 def inverse_logit(z):
-    """sigmoid, with the clamp edges of logit() mapped back to the point masses 0 and 1."""
-    x = torch.sigmoid(z.double())
-    return torch.where(x < 2 * LOGIT_EPS, 0.0, torch.where(x > 1 - 2 * LOGIT_EPS, 1.0, x))
+    """Exact inverse of logit (float64): (sigmoid(z) - alpha) / (1 - 2 alpha), clipped to [0, 1]."""
+    return ((torch.sigmoid(z.double()) - LOGIT_ALPHA) / (1 - 2 * LOGIT_ALPHA)).clamp(0, 1)
 
 
 def fit_standardizer(x, dim=0):
@@ -426,13 +430,13 @@ def u_to_net(u, stats):
 
 
 def net_to_u(z, stats):
-    """Exact inverse of u_to_net (float64); the logit's edges go back to the point masses 0 and 1."""
+    """Exact inverse of u_to_net (float64)."""
     return inverse_logit(unstandardize(z.double(), {k: v.double() for k, v in stats.items()}))
 
 
 def u_features(u):
-    """Shape-model view of the u's: u_0 linear, u_1..u_44 through the clamped logit."""
-    return torch.cat([u[:, :1], logit(u[:, 1:])], dim=1).float()
+    """Shape-model view of the u's: all 45 (u_0 included) through the rescaled logit."""
+    return logit(u.double()).float()
 
 
 def shape_condition(e_inc, u, cond_stats):
@@ -449,27 +453,24 @@ def voxel_fractions(showers, ds):
     return (x / (e + 1e-10)).reshape(-1, *g.shape), e.squeeze(-1)
 
 
-def fractions_to_logit(frac, noise=True, generator=None):
-    """Dequantise (fresh U(0, 5e-6) noise each call) and take the clamped logit."""
-    if noise:
-        frac = frac + NOISE * torch.rand(frac.shape, generator=generator, device=frac.device)
-    return logit(frac)
+def fractions_to_logit(frac):
+    """The shape networks' voxel input (the submission's, no dequantisation noise): fractions <= 1e-7 set to 0,
+    then the rescaled logit."""
+    return logit(torch.where(frac <= FRACTION_CUT, 0.0, frac))
 
 
-def fit_shape_stats(e_inc, showers, ds, idx=None, chunk=None, seed=0):
+def fit_shape_stats(e_inc, showers, ds, idx=None, chunk=None):
     """Preprocessing statistics of the shape networks from the rows idx (the training split; default all).
 
-    vox: per-voxel mean/std of the dequantised logit fractions; cond: mean/std of the 45 u features.
-    The rows are read chunk by chunk: DS3 (16 GB in float32) needs no second copy of the data."""
+    vox: per-voxel mean/std of the logit fractions; cond: mean/std of the 45 u features. The rows are read chunk
+    by chunk: DS3 (16 GB in float32) needs no second copy of the data."""
     idx = np.arange(len(showers)) if idx is None else np.asarray(idx)
     chunk = chunk or max(1, 2 ** 24 // geometry(ds).n_vox)  # 16M voxels: ~0.5 GB of transients (DS3: 414 rows)
-    gen = torch.Generator().manual_seed(seed)
     s1 = s2 = 0.0
     u = []
     for i in range(0, len(idx), chunk):
         x = torch.as_tensor(showers[idx[i:i + chunk]])
-        frac, _ = voxel_fractions(x, ds)
-        z = fractions_to_logit(frac, generator=gen).double()
+        z = fractions_to_logit(voxel_fractions(x, ds)[0]).double()
         s1, s2 = s1 + z.sum(0), s2 + (z * z).sum(0)
         u.append(energies_to_u(torch.as_tensor(e_inc[idx[i:i + chunk]]), layer_energies(x, ds)))
     mean = s1 / len(idx)
@@ -477,26 +478,25 @@ def fit_shape_stats(e_inc, showers, ds, idx=None, chunk=None, seed=0):
     return {"vox": {"mean": mean.float(), "std": std.float()}, "cond": fit_standardizer(u_features(torch.cat(u)))}
 
 
-def showers_to_net(showers, ds, stats, noise=True, generator=None):
+def showers_to_net(showers, ds, stats):
     """Physical showers (N, n_vox) -> network space (N, 1, 45, n_alpha, n_r)."""
-    frac, _ = voxel_fractions(showers, ds)
-    return standardize(fractions_to_logit(frac, noise, generator), stats["vox"]).unsqueeze(1)
+    return standardize(fractions_to_logit(voxel_fractions(showers, ds)[0]), stats["vox"]).unsqueeze(1)
 
 
-def fractions_to_showers(frac, layer_e, cut=NOISE):
-    """Per-layer fractions (N, 45, ...) -> showers (N, n_vox) MeV: zero fractions below `cut`,
-    renormalise every layer to unit sum, scale by its energy, apply the 15.15 keV threshold."""
+def fractions_to_showers(frac, layer_e, cut=FRACTION_CUT):
+    """Per-layer fractions (N, 45, ...) -> showers (N, n_vox) MeV: fractions at or below `cut` set to 0, every
+    layer renormalised to unit sum and scaled by its energy, then the 15.15 keV threshold."""
     frac = frac.double().reshape(frac.shape[0], N_LAYERS, -1).clamp(min=0)
-    frac = torch.where(frac < cut, 0.0, frac)
+    frac = torch.where(frac <= cut, 0.0, frac)
     frac = frac / frac.sum(-1, keepdim=True).clamp(min=1e-300)
     x = frac * layer_e.double().to(frac.device).unsqueeze(-1)
     return torch.where(x < MIN_ENERGY, 0.0, x).reshape(frac.shape[0], -1)
 
 
 def net_to_showers(z, layer_e, stats):
-    """Exact inverse of showers_to_net: unstandardise, sigmoid, cut, renormalise, scale."""
-    frac = torch.sigmoid(unstandardize(z.squeeze(1).float(), stats["vox"]).double())
-    return fractions_to_showers(frac, layer_e)
+    """Exact inverse of showers_to_net (float64): unstandardise, inverse logit, cut, renormalise, scale."""
+    vox = {k: v.double() for k, v in stats["vox"].items()}
+    return fractions_to_showers(inverse_logit(unstandardize(z.squeeze(1).double(), vox)), layer_e)
 
 
 # ----------------------------------------------------------------------------- 3-D ViT (SPEC 2.3)
@@ -560,7 +560,7 @@ class ViT(nn.Module):
         self.grid = [g // p for g, p in zip(grid, cfg.patch)]
         patch_dim = c * math.prod(cfg.patch)
         self.embed = nn.Linear(patch_dim, cfg.dim)
-        self.pos_freq = nn.Parameter(torch.randn(3, cfg.dim // 6))  # learnable frequencies per axis
+        self.pos_freq = nn.Parameter(torch.randn(cfg.dim // 2))  # learnable frequencies: thirds for layer, alpha, r
         axes = [torch.arange(n) / n for n in self.grid]  # patch-grid coordinates in [0, 1)
         self.register_buffer("coords", torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3),
                              persistent=False)
@@ -585,8 +585,10 @@ class ViT(nn.Module):
             nn.init.zeros_(lin.bias)
 
     def positions(self):
-        arg = 2 * math.pi * self.coords.unsqueeze(-1) * self.pos_freq  # (tokens, 3, dim/6)
-        return torch.cat([arg.sin(), arg.cos()], -1).reshape(len(self.coords), -1)
+        """Fourier position code in the authors' channel order: [r sin, r cos, alpha sin, alpha cos, layer sin,
+        layer cos], each axis with its own third of the frequencies (layer first)."""
+        arg = 2 * math.pi * self.coords.unsqueeze(-1) * self.pos_freq.reshape(3, -1)  # (tokens, 3 axes, dim/6)
+        return torch.cat([arg.flip(1).sin(), arg.flip(1).cos()], -1).reshape(len(self.coords), -1)
 
     @staticmethod
     def time_features(t, n=256):
@@ -595,11 +597,10 @@ class ViT(nn.Module):
         arg = t.float().reshape(-1, 1) * freqs
         return torch.cat([arg.cos(), arg.sin()], -1)
 
-    def velocity(self, cond):
-        """The ODE right-hand side (x, t) -> v(x, t, cond) for the solvers: t a float or 0-dim tensor, bf16
-        autocast on CUDA, float32 out."""
+    def velocity(self, cond, precision="fp32"):
+        """The ODE right-hand side (x, t) -> v(x, t, cond) for the solvers: t a float or a tensor, float32 out."""
         def v(x, t):
-            with autocast(cond.device):
+            with autocast(cond.device, precision):
                 return self(x, torch.as_tensor(t, dtype=torch.float32, device=cond.device), cond).float()
         return v
 
@@ -618,6 +619,24 @@ class ViT(nn.Module):
         h = self.final(modulate(self.final_norm(h), shift, scale))
         return rearrange(h, "b (l a r) (p1 p2 p3 c) -> b c (l p1) (a p2) (r p3)",
                          l=l, a=a, r=r, p1=p1, p2=p2, p3=p3)
+
+
+AUTHORS_VIT_NAMES = {  # the authors' ViT (calodream/Networks/vit.py, learn_pos_embed) -> ours, applied in order
+    "final_layer.adaLN_modulation.1.": "final_ada.1.", "final_layer.linear.": "final.", "x_embedder.": "embed.",
+    "pos_embed_freqs": "pos_freq", "t_embedder.mlp.": "t_embed.", "c_embedder.": "c_embed.", ".mlp.fc1.": ".mlp.0.",
+    ".mlp.fc2.": ".mlp.2.", ".adaLN_modulation.1.": ".ada.1."}
+
+
+def vit_state_from_authors(state):
+    """An authors' ViT state dict renamed to ours (their grid buffers dropped): the position code, the qkv layout
+    and every other tensor are the same, so it loads as is."""
+    out = {}
+    for name, value in state.items():
+        if name not in ("lgrid", "agrid", "rgrid"):
+            for theirs, ours in AUTHORS_VIT_NAMES.items():
+                name = name.replace(theirs, ours)
+            out[name] = value
+    return out
 
 
 def count_parameters(model):
@@ -797,10 +816,14 @@ def pick_device(name=None):
     return device
 
 
-def autocast(device):
-    """bf16 autocast on CUDA (flash attention through SDPA); full precision on CPU."""
-    if torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(device, precision="fp32"):
+    """precision 'bf16': bf16 autocast (on CUDA, flash attention through SDPA); 'fp32': full float32 (the authors'
+    training and sampling precision), with TF32 matmuls and convolutions allowed on CUDA."""
+    device = torch.device(device)
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return contextlib.nullcontext()
 
 
@@ -948,7 +971,8 @@ def resume(args, script):
     path = find_latest_run(script, args.ds, args.out).parent if args.resume == "latest" else Path(args.resume)
     ckpt = load_checkpoint(path, script=script)
     given = {k: getattr(args, k) for k in RUNTIME_FLAGS if hasattr(args, k)}
-    return argparse.Namespace(**{**ckpt["config"], **given}), ckpt, (path if path.is_dir() else path.parent)
+    merged = {**vars(args), **ckpt["config"], **given}  # flags newer than the checkpoint keep their defaults
+    return argparse.Namespace(**merged), ckpt, (path if path.is_dir() else path.parent)
 
 
 def restore(ckpt, model, opt, sched):

@@ -56,9 +56,12 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, help="training batch (4096) or sampling batch (10000)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak of the one-cycle schedule")
     p.add_argument("--warmup", type=float, help="one-cycle warm-up fraction (DS2 0.3, DS3 0.1)")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (the submission: 0)")
     p.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm (0: no clipping)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of the training file")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="held-out share of the training file "
+                   "(at least 300 showers or a tenth)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="fp32 (the authors'; TF32 on "
+                   "CUDA) or bf16 autocast, for training and sampling")
     p.add_argument("--val-every", type=int, default=5, help="validation loss every this many epochs")
     p.add_argument("--ckpt-every", type=int, default=10, help="checkpoint every this many epochs")
     p.add_argument("--stop-after", type=int, help="stop after N epochs (the schedule still spans --epochs)")
@@ -75,7 +78,9 @@ def parse_args(argv=None):
     s.add_argument("--no-cache", action="store_true", help="re-run the transformer over the prefix per layer")
     s.add_argument("--output", help="condition file (default: <run>/cond_ds{ds}_{n}.hdf5)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    return common.check_args(p.parse_args(argv))
+    args = p.parse_args(argv)
+    args.warmup = args.warmup if args.warmup is not None else 0.3 if args.ds == 2 else 0.1  # the submission's
+    return common.check_args(args)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -215,12 +220,12 @@ def cfm_loss(model, z1, c_e, x0, t):
 
 
 @torch.no_grad()
-def validation_loss(model, z, c_e, batch_size, seed):
+def validation_loss(model, z, c_e, batch_size, seed, precision="fp32"):
     gen, total = torch.Generator(z.device).manual_seed(seed), 0.0  # the same x0 and t every time: comparable
     for s in range(0, len(z), batch_size):
         zb = z[s:s + batch_size]
         x0, t = torch.randn(zb.shape, generator=gen, device=z.device), torch.rand(zb.shape, generator=gen, device=z.device)
-        with common.autocast(z.device):
+        with common.autocast(z.device, precision):
             total += cfm_loss(model, zb, c_e[s:s + batch_size], x0, t).item() * len(zb)
     return total / max(len(z), 1)
 
@@ -230,7 +235,6 @@ def train(args):
     rank, world, device = common.init_distributed(args.device)
     args, ckpt, run_dir = common.resume(args, SCRIPT)
     args.batch_size = args.batch_size or 4096
-    args.warmup = args.warmup or (0.3 if args.ds == 2 else 0.1)
     files = args.files or [str(p) for p in common.data_files(args.ds, args.data_dir, args.toy)]
     e_inc, u = common.load_u(files, args.ds, args.max_showers, progress=not args.no_progress and rank == 0)
     train_idx, val_idx = common.split_indices(len(u), args.val_fraction, args.seed)
@@ -269,7 +273,7 @@ def train(args):
             rows = common.batch_rows(perm, i, args.batch_size, rank, world)
             x0 = torch.randn((len(rows), common.N_LAYERS), generator=gen, device=device)
             t = torch.rand((len(rows), common.N_LAYERS), generator=gen, device=device)
-            with common.autocast(device):
+            with common.autocast(device, args.precision):
                 loss = cfm_loss(net, z[rows], c_e[rows], x0, t)
             if common.optimizer_step(model, loss, opt, counts, run_dir, args.clip_grad):
                 losses.append(loss.item())
@@ -282,7 +286,7 @@ def train(args):
             model.eval()
             rows = torch.from_numpy(val_idx).to(device)
             history["val_loss"].append([epoch + 1, validation_loss(model, z[rows], c_e[rows], args.batch_size,
-                                                                  args.seed + 1)])
+                                                                  args.seed + 1, args.precision)])
             msg = f" val {history['val_loss'][-1][1]:.4f}"
         log(f"epoch {epoch + 1}/{args.epochs} train {history['train_loss'][-1]:.4f}{msg} lr "
             f"{sched.get_last_lr()[0]:.2e} {len(train_idx) / (time.time() - tic):.0f} samples/s "

@@ -62,9 +62,12 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="training batch (preset) / sampling batch (1000)")
     p.add_argument("--lr", type=float, help="peak LR of the per-step cosine decay")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (the submission: 0)")
     p.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm (0: no clipping)")
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--val-fraction", type=float, default=0.01, help="held-out share of the training file "
+                   "(at least 300 showers or a tenth)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="fp32 (the authors'; TF32 on "
+                   "CUDA) or bf16 autocast, for training and sampling")
     p.add_argument("--val-every", type=int, default=1, help="validation loss every N epochs")
     p.add_argument("--ckpt-every", type=int, default=1, help="write ckpt.pt every N epochs")
     p.add_argument("--stop-after", type=int, help="stop after N epochs (the schedule still spans --epochs)")
@@ -111,11 +114,11 @@ def fetch(data, rows, device):
     return [common.to_device(torch.from_numpy(data[k][rows]), device) for k in ("mu", "logvar", "incident_energies", "u")]
 
 
-def batch_loss(model, mu, logvar, e_inc, u, stats, generator):
+def batch_loss(model, mu, logvar, e_inc, u, stats, generator, precision="fp32"):
     """CFM loss on a fresh reparameterised, standardised latent of one batch."""
     z = mu + (0.5 * logvar).exp() * torch.randn(mu.shape, generator=generator, device=mu.device)
     cond = common.shape_condition(e_inc, u, stats["cond"])
-    with common.autocast(mu.device):
+    with common.autocast(mu.device, precision):
         return common.cfm_loss(model, common.standardize(z, stats["latent"]), cond, generator)
 
 
@@ -125,7 +128,7 @@ def validation_loss(model, data, idx, stats, args, device):
     gen, total = torch.Generator(device).manual_seed(args.seed + 999_983), 0.0  # the same draws every time
     for s in range(0, len(idx), 4 * args.batch_size):
         batch = fetch(data, idx[s:s + 4 * args.batch_size], device)
-        total += batch_loss(model, *batch, stats, gen).item() * len(batch[0])
+        total += batch_loss(model, *batch, stats, gen, args.precision).item() * len(batch[0])
     model.train()
     return total / max(1, len(idx))
 
@@ -178,7 +181,7 @@ def train(args):
                    disable=args.no_progress or rank > 0, leave=False)
         for i in bar:
             batch = fetch(data, common.batch_rows(perm, i, args.batch_size, rank, world), device)
-            loss = batch_loss(net, *batch, stats_dev, gen)
+            loss = batch_loss(net, *batch, stats_dev, gen, args.precision)
             if common.optimizer_step(model, loss, opt, counts, run_dir, args.clip_grad):
                 losses.append(loss.item())
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -203,13 +206,13 @@ def train(args):
 
 # ----------------------------------------------------------------------------- sampling
 @torch.no_grad()
-def generate(model, stats, e_inc, u, solve, generator=None):
+def generate(model, stats, e_inc, u, solve, generator=None, precision="fp32"):
     """Latents (N, C, L, A, R) float32 on the CPU for E_inc (N,) MeV and physical u's (N, 45): x0 ~ N(0, 1) on the
     latent grid, dx/dt = v from t = 0 to 1 with solve(velocity, x0) (common.make_solver), unstandardised."""
     device = next(model.parameters()).device
     cond = common.shape_condition(e_inc.to(device), u.to(device), stats["cond"])
     x0 = torch.randn((len(e_inc), *model.cfg.in_shape), generator=generator, device=device)
-    return common.unstandardize(solve(model.velocity(cond), x0).float(), stats["latent"]).cpu()
+    return common.unstandardize(solve(model.velocity(cond, precision), x0).float(), stats["latent"]).cpu()
 
 
 def sample(args):
@@ -237,7 +240,7 @@ def sample(args):
             tqdm(total=n, desc="sampling", unit="shower", disable=args.no_progress) as bar:
         for s in range(0, n, batch_size):
             e, uu = e_inc[s:s + batch_size], u[s:s + batch_size]
-            w.write(e, uu, generate(model, stats, e, uu, solve, gen))
+            w.write(e, uu, generate(model, stats, e, uu, solve, gen, args.precision))
             bar.update(len(e))
         w.attrs["seconds"] = time.time() - t0
     print(f"wrote {output}: {1e3 * (time.time() - t0) / n:.2f} ms per shower at {nfe} NFE; decode it with "

@@ -79,7 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm (0: no clipping)")
     p.add_argument("--beta", type=float, default=1e-5, help="weight of the KL term")
     p.add_argument("--channels", type=int, default=64, help="conv width (64 = paper; smaller for CPU)")
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--val-fraction", type=float, default=0.01, help="held-out share of the training file "
+                   "(at least 300 showers or a tenth)")
     p.add_argument("--val-every", type=int, default=1, help="epochs between validation losses")
     p.add_argument("--ckpt-every", type=int, default=1, help="epochs between checkpoints")
     p.add_argument("--stop-after", type=int, help="stop after N epochs (the schedule still spans --epochs)")

@@ -1,5 +1,7 @@
 """The shared contract: geometry, the file formats and their errors, preprocessing round trips, the two networks,
 solvers (bespoke included), argument checks, checkpoints and the shared optimizer step."""
+import math
+
 import h5py
 import numpy as np
 import pytest
@@ -88,6 +90,14 @@ def test_loader_errors(tmp_path, problem, match):
 
 
 # ----------------------------------------------------------------------------- preprocessing
+def test_rescaled_logit_is_finite_at_the_edges_and_exactly_inverted():
+    x = torch.tensor([0.0, 1e-12, 1e-7, 0.3, 1 - 1e-9, 1.0], dtype=torch.float64)
+    z = C.logit(x)
+    assert torch.isfinite(z).all() and abs(z[0] + math.log(1 / C.LOGIT_ALPHA - 1)) < 1e-9  # logit(alpha), no clamp
+    assert torch.allclose(C.inverse_logit(z), x, rtol=1e-9, atol=1e-15)
+    assert C.inverse_logit(torch.tensor([-1e3, 1e3])).tolist() == [0.0, 1.0]  # clipped to [0, 1]
+
+
 def test_u_round_trip_with_point_masses():
     _, x = _showers(64)
     x = torch.as_tensor(x)
@@ -97,26 +107,36 @@ def test_u_round_trip_with_point_masses():
     u = C.energies_to_u(e_inc, le)
     assert (u[:5, 31:] == 0).all() and torch.allclose(u[:5, 30], torch.ones(5, dtype=u.dtype))
     assert torch.allclose(C.u_to_energies(e_inc, u), le, rtol=1e-8, atol=1e-8)
-    # through the energy-network space: logit, standardise and back
-    stats = C.fit_standardizer(C.logit(u))
-    u_back = C.inverse_logit(C.unstandardize(C.standardize(C.logit(u).float(), stats), stats))
-    assert (u_back[:5, 31:] == 0).all() and (u_back[:5, 30] == 1).all()
+    stats = C.fit_standardizer(C.logit(u))  # through the energy-network space (float32) and back
+    u_back = C.net_to_u(C.u_to_net(u, stats), stats)
+    assert (u_back[:5, 31:] < 1e-9).all() and (u_back[:5, 30] > 1 - 1e-9).all()
     assert torch.allclose(C.u_to_energies(e_inc, u_back), le, rtol=1e-5, atol=1e-4)
 
 
-def test_shape_round_trip_reproduces_voxels():
+def test_shape_round_trip_keeps_voxels_down_to_the_cut():
+    """Fractions above 1e-7 of their layer survive forward and inverse (a 5e-6 cut would zero every voxel below
+    500 keV of a 100 GeV layer); fractions at or below 1e-7 are exactly 0 on the way back."""
     e_inc, x = _showers(40)
     x = torch.as_tensor(np.where(x > C.MIN_ENERGY * 10, x, 0.0) * 50)  # well above the threshold
-    stats = C.fit_shape_stats(e_inc, x.float().numpy(), ds=2)
-    z = C.showers_to_net(x, 2, stats, noise=False)
-    assert z.shape == (40, 1, 45, 16, 9)
+    x[:, 20 * 144:21 * 144] *= 1e5 / x[:, 20 * 144:21 * 144].sum(1, keepdim=True)  # a 100 GeV layer
+    layer = x[:, 20 * 144:21 * 144]
+    x[:, 20 * 144 + 7] = layer.sum(1) * 2e-6  # 2e-6 and 3e-7 of layer 20, far above 15.15 keV for these showers
+    x[:, 20 * 144 + 8] = layer.sum(1) * 3e-7
+    x[:, 20 * 144 + 9] = layer.sum(1) * 5e-8  # below the cut
     le = C.layer_energies(x, 2)
+    frac, _ = C.voxel_fractions(x, 2)
+    big = le[:, 20] * 3e-7 > C.MIN_ENERGY
+    assert big.all() and (frac[:, 20].reshape(40, -1)[:, 7] > 1.5e-6).all()
+    stats = C.fit_shape_stats(e_inc, x.float().numpy(), ds=2)
+    z = C.showers_to_net(x, 2, stats)
+    assert z.shape == (40, 1, 45, 16, 9) and torch.isfinite(z).all()
     back = C.net_to_showers(z, le, stats)
-    assert torch.allclose(back, x, rtol=1e-4, atol=1e-4)
-    assert torch.allclose(C.layer_energies(back, 2), le, rtol=1e-5)
-    # with dequantisation noise the inverse still restores exact zeros
-    back_noisy = C.net_to_showers(C.showers_to_net(x, 2, stats), le, stats)
-    assert ((back_noisy == 0) == (x == 0)).float().mean() > 0.999
+    keep = x.clone()
+    keep[:, 20 * 144 + 9] = 0  # the fraction at 5e-8 is cut ...
+    want = C.fractions_to_showers(C.voxel_fractions(keep, 2)[0], le)  # ... and the layer renormalised
+    assert torch.allclose(back, want, rtol=1e-5, atol=1e-9)
+    assert (back[big, 20 * 144 + 7] > 0).all() and (back[big, 20 * 144 + 8] > 0).all()
+    assert (back[:, 20 * 144 + 9] == 0).all() and torch.allclose(C.layer_energies(back, 2), le, rtol=1e-5)
 
 
 def test_shape_condition():
@@ -146,13 +166,34 @@ def test_vit_zero_at_init_and_learns():
     assert model(x, torch.rand(16), c).abs().max() == 0
     opt = torch.optim.AdamW(model.parameters(), 3e-3)
     losses = []
-    for _ in range(60):
-        loss = C.cfm_loss(model, x, c)
+    for step in range(80):
+        loss = C.cfm_loss(model, x, c, torch.Generator().manual_seed(step % 4))  # a few fixed draws
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5])
+
+
+def test_vit_position_code_is_the_authors_layout_and_their_names_map():
+    """SPEC 2.3: D/2 frequencies w, thirds for layer, alpha, r; channels [r sin, r cos, alpha sin, alpha cos,
+    layer sin, layer cos] with 2 pi w x, x = index / count on the patch grid."""
+    model = C.ViT(C.ViTConfig((1, 6, 4, 3), (3, 2, 1), 24, 2, 48, 2))
+    l, a, r = torch.meshgrid(torch.arange(2) / 2, torch.arange(2) / 2, torch.arange(3) / 3, indexing="ij")
+    wl, wa, wr = (2 * math.pi * model.pos_freq.detach()).chunk(3)
+    pe = [(x.flatten()[:, None] * w) for x, w in ((r, wr), (a, wa), (l, wl))]
+    expected = torch.cat([f(p) for p in pe for f in (torch.sin, torch.cos)], 1)
+    torch.testing.assert_close(model.positions().detach(), expected)
+    theirs = {}  # our state dict under the authors' names, then mapped back
+    back = {v: k for k, v in C.AUTHORS_VIT_NAMES.items()}
+    for name, value in model.state_dict().items():
+        for ours in reversed(list(back)):
+            name = name.replace(ours, back[ours])
+        theirs[name] = value
+    assert "pos_embed_freqs" in theirs and "blocks.1.mlp.fc2.weight" in theirs and "final_layer.linear.bias" in theirs
+    assert "blocks.0.adaLN_modulation.1.weight" in theirs and "final_layer.adaLN_modulation.1.weight" in theirs
+    theirs.update(lgrid=torch.zeros(2), agrid=torch.zeros(2), rgrid=torch.zeros(3))
+    model.load_state_dict(C.vit_state_from_authors(theirs), strict=True)
 
 
 # ----------------------------------------------------------------------------- energy transformer
@@ -311,3 +352,30 @@ def test_condition_and_latent_files(tmp_path, toy_ds2):
     with pytest.raises(ValueError, match="NaN/inf u"):
         C.write_conditions(tmp_path / "bad.hdf5", e, u * float("nan"), 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.hdf5", "z.hdf5"]  # nothing half-written
+
+
+def test_training_defaults_are_the_submission_configs():
+    """SPEC 2.2-2.4: weight decay 0 (energy, laViT), 1e-5 (ViT), 1e-4 (VAE); ViT gradient clipping 100 / 50;
+    a validation slice of at most 1 % (at least 300 showers or a tenth); DS3 energy warm-up 0.1."""
+    import energy
+    import latent_vit
+    import shape_vit
+    import vae
+    assert energy.parse_args([]).weight_decay == 0 and latent_vit.parse_args([]).weight_decay == 0
+    assert [energy.parse_args(["--ds", d]).warmup for d in ("2", "3")] == [0.3, 0.1]
+    assert shape_vit.parse_args([]).weight_decay == 1e-5 and vae.parse_args([]).weight_decay == 1e-4
+    assert [shape_vit.resolve(shape_vit.parse_args(["--ds", d])).clip_grad for d in ("2", "3")] == [100, 50]
+    assert all(m.parse_args([]).val_fraction == 0.01 for m in (energy, shape_vit, vae, latent_vit))
+    assert all(m.parse_args([]).precision == "fp32" for m in (energy, shape_vit, latent_vit))
+    assert [len(C.split_indices(n)[1]) for n in (100_000, 6000, 200)] == [1000, 300, 20]
+    assert len(C.split_indices(6000, 0.0)[1]) == 0
+
+
+def test_precision_switch():
+    model = C.ViT(C.ViTConfig((1, 6, 4, 3), (3, 2, 1), 24, 2, 48, 1))
+    x, t, c = torch.randn(2, 1, 6, 4, 3), torch.rand(2), torch.randn(2, 46)
+    with C.autocast("cpu", "bf16"):
+        assert model.embed(model.embed.weight.new_ones(1, 6)).dtype == torch.bfloat16
+    with C.autocast("cpu", "fp32"):
+        assert model.embed(model.embed.weight.new_ones(1, 6)).dtype == torch.float32
+    assert model.velocity(c, "bf16")(x, 0.5).dtype == torch.float32  # the solvers always get float32
