@@ -242,3 +242,6 @@ def test_cli_pcc(tmp_path, capsys):
     assert abs(float(out.split("all ")[1].split(",")[0]) - d["all"]) < 0.01
     with pytest.raises(common.DataError):
         data.main(["pcc", str(tmp_path / "missing.hdf5"), "--no-progress"])
+    (tmp_path / "bad.json").write_text('{"pcc": [[1.0]]}')
+    with pytest.raises(common.DataError, match="not \\(45, 45\\)"):
+        data.main(["pcc", str(path), "--reference", str(tmp_path / "bad.json"), "--no-progress"])
