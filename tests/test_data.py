@@ -1,4 +1,6 @@
-"""data/prepare.py: the toy generator (determinism, format, physics-shaped statistics) and the resumable download."""
+"""data/prepare.py: the toy generator (determinism, format, physics-shaped statistics, layer correlations
+against Geant4) and the resumable download."""
+import json
 import sys
 from pathlib import Path
 
@@ -53,7 +55,8 @@ def test_toy_statistics(toy2000):
     assert 0.85 < response.mean() < 1.05 and response.std() > 0.01
     layer_e = common.layer_energies(torch.as_tensor(showers, dtype=torch.float64), 2)
     u = common.energies_to_u(torch.as_tensor(e_inc), layer_e).numpy()
-    assert (u[:, 1] == 0).any() and (u[:, -1] == 0).any()  # empty first and last layers
+    assert (u[:, 1] > 0).mean() > 0.99  # the incident electron deposits in layer 0 (only leakage empties it)
+    assert (u[:, -1] == 0).any() and (u[:, 1:] == 0).mean() > 0.05  # empty late layers: u = 0 exactly
     # the last non-empty layer holds all that remains: u = E/(E + 1e-10) > 1 - 1e-8 (E > 15 keV)
     last = 44 - np.argmax(layer_e.numpy()[:, ::-1] > 0, axis=1)
     rows = np.flatnonzero(last < 44)  # layer 44 has no u of its own (it is the remainder)
@@ -69,6 +72,44 @@ def test_toy_statistics(toy2000):
     # sparse late layers at low energy, denser near the maximum at high energy
     low, high = e_inc < 3e3, e_inc > 3e5
     assert (showers[low] == 0).mean() > (showers[high] == 0).mean()
+
+
+def test_toy_physics_first_layers_and_resolution(toy2000):
+    e_inc, showers = toy2000
+    layer_e = showers.reshape(len(showers), 45, -1).astype(np.float64).sum(-1)
+    low, high = e_inc < 3e3, e_inc > 3e5
+    # layer 0: the electron's own track at 1 GeV, backsplash of the shower growing with E_inc above
+    assert 5 < layer_e[low, 0].mean() < 50 and layer_e[high, 0].mean() > 10 * layer_e[low, 0].mean()
+    response = layer_e.sum(1) / e_inc  # stochastic term from the sampling: ~18% at 1-3 GeV, ~1.5% above 300 GeV
+    assert 0.1 < response[low].std() < 0.3 and response[high].std() < 0.03
+    # the voxels hold what toy_layer_energies made, less lateral leakage and the threshold
+    e_ref, layer_ref = data.toy_layer_energies(2, len(e_inc), seed=3)
+    assert np.array_equal(e_ref, e_inc) and (layer_e <= layer_ref * (1 + 1e-6)).all()
+    assert 0.95 < layer_e.sum() / layer_ref.sum() < 1.0
+
+
+def test_layer_pcc_known_answers(tmp_path):
+    a = np.random.default_rng(0).standard_normal(50)
+    layer_e = np.zeros((50, 45))
+    layer_e[:, 0], layer_e[:, 1], layer_e[:, 2] = a, 2 * a + 1, -a  # layer 44 and others constant: 0
+    pcc = data.layer_pcc(layer_e)
+    assert pcc.shape == (45, 45) and np.allclose(pcc[0, :3], [1, 1, -1]) and pcc[0, 44] == 0 and pcc[5, 6] == 0
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps({"pcc": pcc.tolist()}))
+    assert data.pcc_distance(layer_e, ref) == {"all": 0.0, "first": 0.0, "last": 0.0}
+    ref.write_text(json.dumps({"pcc": (pcc + 0.5 * (np.arange(45)[:, None] >= 30)).tolist()}))
+    d = data.pcc_distance(layer_e, ref)  # rows 30-44 off by 0.5: 105 of the 990 pairs i < j
+    assert d["last"] == 0.5 and d["first"] == 0.0 and abs(d["all"] - 0.5 * 105 / 990) < 1e-12
+
+
+def test_toy_layer_correlations_match_geant4():
+    """Geant4's DS2 layer-energy PCC matrix (data/g4_pcc_ds2.json) against 20k toy showers of the default
+    training file (seed 0): 0.124 before the physics of the first layers and the tail, 0.033 now."""
+    e_inc, layer_e = data.toy_layer_energies(2, 20000, seed=0)
+    d = data.pcc_distance(layer_e)
+    assert d["all"] <= 0.04 and d["first"] <= 0.05 and d["last"] <= 0.08
+    pcc = data.layer_pcc(layer_e)
+    assert (pcc[0, 1:6] > 0.6).all() and pcc[40, 20] > 0.72  # Geant4: 0.74-0.76 and 0.79; before: ~-0.05 and 0.67
 
 
 # ----------------------------------------------------------------------------- download against a local server
@@ -190,3 +231,17 @@ def test_cli_errors(tmp_path):
                    "--base-url", "http://127.0.0.1:9", "--no-progress"])
     data.main(["toy", "--ds", "3", "--n", "4", "--n-ref", "2", "--out", str(tmp_path), "--no-progress"])
     assert common.load_showers(tmp_path / "toy_ds3_ref.hdf5", 3, progress=False)[1].shape == (2, 40500)
+
+
+def test_cli_pcc(tmp_path, capsys):
+    path = data.write_toy(2, 300, tmp_path / "toy.hdf5", seed=4)
+    data.main(["pcc", str(path), "--no-progress"])
+    out = capsys.readouterr().out
+    d = data.pcc_distance(data.toy_layer_energies(2, 300, seed=4)[1])  # before leakage: close, not equal
+    assert out.startswith(f"{path}: 300 showers, mean |dPCC| vs g4_pcc_ds2.json: all 0.0") and "layers 0-5 rows" in out
+    assert abs(float(out.split("all ")[1].split(",")[0]) - d["all"]) < 0.01
+    with pytest.raises(common.DataError):
+        data.main(["pcc", str(tmp_path / "missing.hdf5"), "--no-progress"])
+    (tmp_path / "bad.json").write_text('{"pcc": [[1.0]]}')
+    with pytest.raises(common.DataError, match="not \\(45, 45\\)"):
+        data.main(["pcc", str(path), "--reference", str(tmp_path / "bad.json"), "--no-progress"])
