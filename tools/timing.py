@@ -233,13 +233,14 @@ def sync(device):
 
 
 def clock(device):
-    """lap() -> seconds since the previous lap (the device synchronised)."""
-    last = [time.perf_counter()]
+    """lap() -> wall seconds since the previous lap (the device synchronised); lap.cpu: this process's CPU seconds
+    of the same interval (all threads; on a shared machine less inflated by other jobs than the wall time)."""
+    last = [time.perf_counter(), time.process_time()]
 
     def lap():
         sync(device)
-        now = time.perf_counter()
-        dt, last[0] = now - last[0], now
+        now = [time.perf_counter(), time.process_time()]
+        (dt, lap.cpu), last[:] = (b - a for a, b in zip(last, now)), now
         return dt
     return lap
 
@@ -319,10 +320,10 @@ def vae_decode(nets, z, e_inc, u, device, chunk=1000):
 def run_chain(nets, chain, ds, e_inc, setting, solve, batch, path, device, precision="fp32", seed=0):
     """E_inc (N,) -> u -> showers in batches of `batch` -> the CaloChallenge file `path`; seconds of each part."""
     (e_model, e_ckpt), (model, stats) = nets["energy"], nets["shape"]
-    secs, lap = dict(energy=0.0, shape=0.0, decode=0.0, write=0.0), clock(device)
+    secs, lap = dict(energy=0.0, shape=0.0, decode=0.0, write=0.0, cpu=0.0), clock(device)
     u = energy.sample_u(e_model, e_ckpt["stats"], e_inc, device, setting.e_solver, setting.e_steps, batch,
                         seed=seed, progress=False)
-    secs["energy"] = lap()
+    secs["energy"], secs["cpu"] = lap(), lap.cpu
     gen = torch.Generator(device).manual_seed(seed)
     with common.ShowerWriter(path, len(e_inc), ds, overwrite=True) as w:
         for s in range(0, len(e_inc), batch):
@@ -333,8 +334,10 @@ def run_chain(nets, chain, ds, e_inc, setting, solve, batch, path, device, preci
             else:
                 z = latent_vit.generate(model, stats, e, uu, solve, gen, precision)
                 secs["shape"] += lap()
+                secs["cpu"] += lap.cpu
                 showers = vae_decode(nets, z, e, uu, device)
                 secs["decode"] += lap()
+            secs["cpu"] += lap.cpu
             w.write(e, showers)
             secs["write"] += lap()
     secs["write"] += lap()  # closing the file: the rename
@@ -358,7 +361,7 @@ def chain_row(nets, chain, ds, setting, batch, precision, runs, args, device, pa
         runs_, spent = [], 0.0
         while len(runs_) < args.repeats and (not runs_ or spent < args.budget):
             runs_.append(run_chain(nets, chain, ds, e_inc, setting, solve, batch, path, device, precision, args.seed))
-            spent += sum(runs_[-1].values())
+            spent += sum(v for k, v in runs_[-1].items() if k != "cpu")
     except (RuntimeError, MemoryError) as err:
         if not out_of_memory(err):
             raise
@@ -369,12 +372,13 @@ def chain_row(nets, chain, ds, setting, batch, precision, runs, args, device, pa
         path.unlink(missing_ok=True)
     gen_s = [r["energy"] + r["shape"] + r["decode"] for r in runs_]
     med = runs_[sorted(range(len(runs_)), key=gen_s.__getitem__)[(len(runs_) - 1) // 2]]  # the median run
-    ms = {k: 1e3 * v / n for k, v in med.items()}
+    ms = {k: 1e3 * v / n for k, v in med.items() if k != "cpu"}
     row.update(repeats=len(runs_), ms_per_shower_energy=ms["energy"], ms_per_shower_shape=ms["shape"],
                ms_per_shower_decode=ms["decode"] if chain == "lavit" else None,
                ms_per_shower=ms["energy"] + ms["shape"] + ms["decode"], ms_per_shower_write=ms["write"],
                ms_per_shower_with_write=sum(ms.values()), ms_per_shower_min=1e3 * min(gen_s) / n,
-               ms_per_shower_max=1e3 * max(gen_s) / n, peak_mem_mb=peak_mb(device), status="ok")
+               ms_per_shower_max=1e3 * max(gen_s) / n, cpu_ms_per_shower=1e3 * med["cpu"] / n,
+               peak_mem_mb=peak_mb(device), status="ok")
     return row
 
 
@@ -548,15 +552,17 @@ def markdown(res):
              f"{m['commit']}; random weights, {m['size']} network sizes:", "", f"`{m['command']}`", ""]
     if res.get("chain"):
         lines += ["ms per shower (generation: energy + shape network (+ VAE decoder), E_inc in memory to float64 "
-                  "showers on the host; 'with write' adds the CaloChallenge file; loading excluded):", "",
+                  "showers on the host; 'with write' adds the CaloChallenge file; loading excluded; CPU ms: the "
+                  "process's CPU time of the generation):", "",
                   "| DS | chain | energy | shape | NFE energy / shape | precision | batch | showers | energy | shape "
-                  "| VAE decoder | generation | with write | peak MiB | status |", "|" + "---|" * 15]
+                  "| VAE decoder | generation | with write | CPU ms | peak MiB | status |", "|" + "---|" * 16]
         for r in res["chain"]:
             lines.append("| " + " | ".join(fmt(r.get(k)) for k in (
                 "ds", "chain", "energy", "shape")) + f" | {fmt(r.get('nfe_energy'))} / {fmt(r.get('nfe_shape'))} | "
                 + " | ".join(fmt(r.get(k)) for k in ("precision", "batch", "showers", "ms_per_shower_energy",
                                                      "ms_per_shower_shape", "ms_per_shower_decode", "ms_per_shower",
-                                                     "ms_per_shower_with_write", "peak_mem_mb", "status")) + " |")
+                                                     "ms_per_shower_with_write", "cpu_ms_per_shower", "peak_mem_mb",
+                                                     "status")) + " |")
         lines.append("")
     if res.get("training"):
         peaks = ", ".join(f"{p['precision']} {p['tflops']:.3g} TFLOP/s (n = {p['n']})" for p in res["peak"])
