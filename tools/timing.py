@@ -40,10 +40,8 @@ Peak memory (peak_mem_mb): on CUDA torch.cuda.max_memory_allocated of the row; o
 import argparse
 import dataclasses
 import json
-import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -196,10 +194,12 @@ def vit_model_args(kind, ds, size="paper"):
                                                depth=a.depth))
 
 
-def make_checkpoints(folder, ds, size="paper", bespoke_steps=()):
-    """Random-weight runs of every stage of dataset ds, in the formats the stages write (a run folder holding
-    ckpt.pt, so the stages' --ckpt takes them too): {"energy", "vit", "vae", "lavit", ("bespoke", n): folder}."""
+def make_checkpoints(folder, ds, size="paper", bespoke_steps=(), kinds=KINDS):
+    """Random-weight runs of the stages of dataset ds, in the formats the stages write (a run folder holding
+    ckpt.pt, so the stages' --ckpt takes them too): {"energy", "vit", "vae", "lavit", ("bespoke", n): folder}
+    for the `kinds` (the laViT needs the VAE, a bespoke solver the ViT)."""
     folder, s, lat = Path(folder), SIZES[size], vae.PRESETS[ds]["latent"]
+    kinds = set(kinds) | ({"vae"} if "lavit" in kinds else set()) | ({"vit"} if bespoke_steps else set())
     torch.manual_seed(ds)
     runs = {}
 
@@ -208,12 +208,14 @@ def make_checkpoints(folder, ds, size="paper", bespoke_steps=()):
         runs[key].mkdir(parents=True, exist_ok=True)
         common.save_checkpoint(runs[key] / "ckpt.pt", script=script, ds=ds, config={"size": size}, epoch=0, step=0,
                                history={"train_loss": [], "val_loss": []}, nonfinite=0, **state)
-    e_args = energy.PRESETS[s["energy"]]
-    save("energy", "energy", model_args=e_args, model=jitter(common.EnergyNet(**e_args)).state_dict(), stats=unit(L))
-    v_args = vae.model_args_for(ds, s["vae_channels"])
-    save("vae", "vae", model_args=v_args, model=jitter(vae.VAE(**v_args)).state_dict(), stats={"cond": unit(L)},
-         cut=None, cut_info=None)
-    for kind, script in (("vit", "shape_vit"), ("lavit", "latent_vit")):
+    e_args, v_args = energy.PRESETS[s["energy"]], vae.model_args_for(ds, s["vae_channels"])
+    if "energy" in kinds:
+        save("energy", "energy", model_args=e_args, model=jitter(common.EnergyNet(**e_args)).state_dict(),
+             stats=unit(L))
+    if "vae" in kinds:
+        save("vae", "vae", model_args=v_args, model=jitter(vae.VAE(**v_args)).state_dict(), stats={"cond": unit(L)},
+             cut=None, cut_info=None)
+    for kind, script in [k for k in (("vit", "shape_vit"), ("lavit", "latent_vit")) if k[0] in kinds]:
         args = vit_model_args(kind, ds, size)
         stats = {"cond": unit(L), **({"vox": unit(common.geometry(ds).shape)} if kind == "vit" else
                                      {"latent": unit(lat)})}
