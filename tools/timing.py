@@ -72,6 +72,7 @@ SIZES = {"paper": dict(energy="paper", shape="paper", vae_channels=64),
          "small": dict(energy="paper", shape="small", vae_channels=16),
          "tiny": dict(energy="tiny", shape="small", vae_channels=2, vit=dict(dim=12, heads=2, mlp=24, depth=1))}
 KINDS = ("energy", "vit", "vae", "lavit")  # training jobs: the four paper presets
+ESTIMATE_FROM = 100  # --max-row-seconds: estimates from batches this large (smaller ones are launch-bound on CUDA)
 TRAIN_SHOWERS = 99_000  # of the 100k showers of the DS2 / DS3 training files, 1 % validation
 
 
@@ -87,8 +88,8 @@ def parse_args(argv=None):
     p.add_argument("--min-showers", type=int, help="showers per measurement at least (CUDA 10, CPU 1)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per row at most (median)")
     p.add_argument("--budget", type=float, default=30.0, help="no further repeat once a row spent this many s")
-    p.add_argument("--max-row-seconds", type=float, help="skip a row whose estimate (from the previous batch "
-                   "size of the same chain and setting) exceeds this")
+    p.add_argument("--max-row-seconds", type=float, help="skip a row whose estimate (time per shower of the "
+                   "same chain and setting at a batch >= 100, times the showers) exceeds this")
     p.add_argument("--precision", nargs="+", default=["fp32"], choices=("fp32", "bf16"),
                    help="shape networks (sampling) and training; several: one row each")
     p.add_argument("--train", nargs="+", default=list(KINDS), choices=KINDS, help="training jobs")
@@ -393,12 +394,13 @@ def chain_section(args, device, runs, res, save):
             nets, load_s = load_chain(runs[ds], ds, chain, device)
             for precision in args.precision:
                 for setting in settings:
-                    prev = None  # the last measured row of this setting: its time per shower gives the estimate
+                    prev = None  # the last measured row of this setting (its time per shower: the estimate)
                     for batch in sorted(args.batch_sizes):
                         n = max(batch, args.min_showers)
                         base = dict(ds=ds, chain=chain, setting=setting.name, energy=setting.energy,
                                     shape=setting.shape, precision=precision, batch=batch, showers=n)
-                        estimate = prev and prev.get("ms_per_shower_with_write", 0) * n / 1e3
+                        estimate = prev and prev["batch"] >= ESTIMATE_FROM and prev.get(
+                            "ms_per_shower_with_write", 0) * n / 1e3
                         if prev and prev["status"] != "ok":
                             row = dict(base, status="skipped: out of memory at a smaller batch")
                         elif estimate and args.max_row_seconds and estimate > args.max_row_seconds:
