@@ -15,12 +15,13 @@ chain: ms per shower of E_inc -> u -> showers in a CaloChallenge file, for N = m
   - The stages run in this process (imported, through their public functions): a subprocess per measurement would
     add the interpreter, the imports, CUDA start-up and checkpoint loading, which swamp a batch-1 figure. The
     hand-over files between the stages (condition file, latent file) are not written.
-  - ms_per_shower (generation, the quantity of the CaloChallenge tables): from E_inc in memory to the showers as
-    float64 MeV on the host, i.e. energy + shape network (+ VAE decoder), host transfers and the inverse
+  - ms_per_shower (generation, to set beside the CaloChallenge tables' ms per shower): from E_inc in memory to the
+    showers as float64 MeV on the host, i.e. energy + shape network (+ VAE decoder), host transfers and the inverse
     preprocessing included. Not included, reported apart: model loading (load_s, once per dataset and chain) and
     writing the file (ms_per_shower_write: float64, gzip, as the official files); ms_per_shower_with_write adds it.
   - Settings (--settings): a name of SETTINGS or ENERGY/SHAPE as SOLVER-STEPS (rk4-5/euler-8, rk4-50/bespoke-8);
-    the energy network always runs with its key/value cache. NFE: network evaluations per shower.
+    the energy network always runs with its key/value cache. NFE: network evaluations per shower. --precision
+    applies to the shape networks; the energy network and the VAE sample in float32, as their scripts do.
   - Warm-up: one untimed call at the same batch with 1-step solvers (allocations, lazy initialisation, kernels);
     then up to --repeats timed calls (fewer once --budget seconds are spent), the median's parts are reported.
   - Networks: random weights (adaLN-Zero and output weights jittered) in checkpoints of the stages' own formats,

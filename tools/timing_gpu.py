@@ -54,7 +54,7 @@ def steps(args, out):
         ("env", 30, [PY, "-c", ENV_PROBE], ROOT),
         ("timing", 240, [*t, "--sections", "chain", *chain, "--repeats", "3", "--budget", "5", "--out", out / "timing"],
          ROOT),
-        ("training", 60, [*t, "--sections", "training", "--precision", "fp32", "bf16", *train, "--out",
+        ("training", 90, [*t, "--sections", "training", "--precision", "fp32", "bf16", *train, "--out",
                           out / "training"], ROOT),
         ("compile", 150, [*t, "--sections", "training", "--compile", "--train", "vit", "lavit", "--ds", "2",
                           "--train-warmup", "3", *train[:4], "--out", out / "compile"], ROOT),
