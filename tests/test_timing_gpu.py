@@ -9,7 +9,7 @@ import timing_gpu
 
 def test_steps_and_their_commands(tmp_path):
     args = timing_gpu.parse_args(["--out", str(tmp_path)])
-    steps = {name: (limit, cmd) for name, limit, cmd, _ in timing_gpu.steps(args, tmp_path)}
+    steps = {name: (limit, cmd) for name, limit, cmd, _ in timing_gpu.steps(args, tmp_path, tmp_path / "scratch")}
     assert list(steps) == list(timing_gpu.STEPS) and args.budget == 600 and args.device == "cuda"
     timing = " ".join(map(str, steps["timing"][1]))
     assert "tools/timing.py --device cuda --size paper --sections chain --settings paper fast bespoke8" in timing
@@ -17,6 +17,7 @@ def test_steps_and_their_commands(tmp_path):
     assert "--compile" in steps["compile"][1] and "--compile" not in steps["training"][1]
     nccl = steps["nccl"][1][-1]
     assert "torch.distributed.run --standalone" in nccl and "tools/timing_gpu.py --ddp-worker shape_vit" in nccl
+    assert f"--out {tmp_path / 'scratch'}/nccl/runs" in nccl  # big files stay out of --out
 
 
 def test_a_step_is_stopped_at_its_limit_or_skipped(tmp_path):
@@ -33,7 +34,7 @@ def test_the_parallel_test_runner(tmp_path):
     (tmp_path / "test_good.py").write_text("def test_a():\n    assert 1\n")
     (tmp_path / "test_bad.py").write_text("def test_b():\n    assert 0\n")
     import time
-    rc, _, status = timing_gpu.run_tests(tmp_path / "out", 120, time.time() + 120, 2,
+    rc, _, status = timing_gpu.run_tests(tmp_path / "out", tmp_path / "scratch", 120, time.time() + 120, 2,
                                          sorted(tmp_path.glob("test_*.py")))
     assert rc == 1 and status == "test_bad failed (1)"
     assert json.loads((tmp_path / "out" / "tests" / "results.json").read_text()) == {"test_bad": "failed (1)",

@@ -3,8 +3,9 @@ torch.compile off and on, one run under torchrun on NCCL, the test suite on the 
 
     python tools/timing_gpu.py --out /tmp/gpu --budget 600        # one GPU machine: about 10 minutes
     python tools/timing_gpu.py --device cpu --size tiny --steps env timing nccl --out /tmp/gpu-smoke   # wiring
-Steps run in that order as subprocesses, each into --out: env.txt, timing/, training/, compile/, nccl/, tests/,
-extra/, and a log per step. A step is stopped at its own limit or at the deadline (--budget seconds after the start;
+Steps run in that order as subprocesses, each into --out: timing/, training/, compile/, extra/ (the JSON and
+markdown of tools/timing.py), tests/ (a log per test file, results.json) and a log per step (env.log, nccl.log, ...);
+the toy data, the run folders and the tests' temporary files go to --scratch, so --out stays small. A step is stopped at its own limit or at the deadline (--budget seconds after the start;
 what it wrote stays), and one that would start with less than 20 s left is skipped. summary.md and summary.json list
 every step with its exit status, seconds and status; the table of each timing run is its timing-*.md.
 
@@ -21,6 +22,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +33,8 @@ STEPS = ("env", "timing", "training", "compile", "nccl", "tests", "extra")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="folder of every step's output")
+    p.add_argument("--out", required=True, help="folder of every step's output (logs, tables: small)")
+    p.add_argument("--scratch", help="folder of data, runs and test temporaries (default: a new temporary folder)")
     p.add_argument("--budget", type=float, default=600.0, help="seconds from the start to the deadline")
     p.add_argument("--device", default="cuda", help="cuda, or cpu to check the wiring")
     p.add_argument("--size", default="paper", choices=("paper", "small", "tiny"), help="network sizes of timing")
@@ -40,7 +43,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def steps(args, out):
+def steps(args, out, scratch):
     """[(name, limit in s, argv, cwd)]; 'tests' is expanded later, one process per test file."""
     t = [PY, "tools/timing.py", "--device", args.device, "--size", args.size]
     small = args.size == "tiny"  # wiring checks on the CPU: the fewest rows
@@ -48,7 +51,7 @@ def steps(args, out):
         "--settings", "paper", "fast", "bespoke8", "--batch-sizes", "1", "100", "10000", "--min-showers", "5",
         "--max-row-seconds", "20"]
     train = ["--train-batch", "2", "--train-steps", "1", "--ds", "2", "--peak-n", "64"] if small else []
-    toy, runs = out / "nccl" / "data", out / "nccl" / "runs"
+    toy, runs = scratch / "nccl" / "data", scratch / "nccl" / "runs"
     vit = ["--preset", "small", "--dim", "12", "--heads", "2", "--mlp", "24", "--depth", "1"] if small else []
     return [
         ("env", 30, [PY, "-c", ENV_PROBE], ROOT),
@@ -107,7 +110,7 @@ def run_step(name, limit, argv, cwd, log, deadline):
     return rc, time.time() - start, status
 
 
-def run_tests(out, limit, deadline, parallel, files=None):
+def run_tests(out, scratch, limit, deadline, parallel, files=None):
     """Every tests/test_*.py (or `files`) in its own pytest process, `parallel` at a time; (rc, seconds, status)."""
     files, logs = files or sorted((ROOT / "tests").glob("test_*.py")), out / "tests"
     logs.mkdir(parents=True, exist_ok=True)
@@ -118,7 +121,7 @@ def run_tests(out, limit, deadline, parallel, files=None):
             f = pending.pop(0)
             log = open(logs / f"{f.stem}.log", "w")
             running[f.stem] = (subprocess.Popen([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp",
-                                                 str(logs / "tmp" / f.stem), str(f)], cwd=ROOT, stdout=log,
+                                                 str(scratch / "tests" / f.stem), str(f)], cwd=ROOT, stdout=log,
                                                 stderr=subprocess.STDOUT, start_new_session=True), log)
         for stem, (proc, log) in list(running.items()):
             if proc.poll() is not None or time.time() > end:
@@ -167,12 +170,13 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(args.scratch or tempfile.mkdtemp(prefix="timing_gpu-")).resolve()
     deadline, summary = time.time() + args.budget, []
-    for name, limit, cmd, cwd in steps(args, out):
+    for name, limit, cmd, cwd in steps(args, out, scratch):
         if name not in args.steps:
             continue
         if name == "tests":
-            rc, secs, status = run_tests(out, limit, deadline, args.parallel) if deadline - time.time() >= 20 else (
+            rc, secs, status = run_tests(out, scratch, limit, deadline, args.parallel) if deadline - time.time() >= 20 else (
                 None, 0.0, "skipped: deadline")
         else:
             rc, secs, status = run_step(name, limit, cmd, cwd, out / f"{name}.log", deadline)
