@@ -1,8 +1,11 @@
-"""Speed and memory of the CaloDREAM networks and sampling chain (paper App. A.3, Table 6; SPEC 2.2-2.5, 4).
+"""Micro-benchmark of the CaloDREAM networks (paper App. A.3, Table 6; SPEC 2.2-2.5, 4): forward passes, FLOPs,
+the energy sampler's key/value cache, the memory of loading DS3. The whole chain in the CaloChallenge protocol
+(ms per shower at batch 1 / 100 / 10000) and training throughput are tools/timing.py.
 
-Every network is built with random weights by its own script's builder and preset; nothing is trained.
-    python tools/bench.py                                   # everything, on cuda if present (one H100: minutes)
-    python tools/bench.py --quick --device cpu              # 2 CPU cores: ~10 min (batch 10, small shape presets)
+Every network has random weights, in a checkpoint of its stage's format (tools/timing.py make_checkpoints), and is
+read back with the stage's loader (energy.load_model, common.build_vit, vae.load_vae); nothing is trained.
+    python tools/bench.py                                   # everything, on cuda if present
+    python tools/bench.py --quick --device cpu              # 2 CPU cores: a few minutes (batch 10)
     python tools/bench.py --sections energy --kv-steps 50   # KV cache vs re-running the prefix; sampler vs heads
     python tools/bench.py --sections memory --memory-n 20000   # peak RSS of loading a synthetic DS3 file
 Sections (--sections, default all) print a table each and rewrite --out (bench.json, a list of rows each):
@@ -11,13 +14,10 @@ Sections (--sections, default all) print a table each and rewrite --out (bench.j
   flops     achieved FLOP/s of the ViT/laViT forwards against this device's dense-matmul peak, measured now
   energy    energy sampler at --kv-batch (1000): KV cache vs none (time, max |u difference|); the sampler
             vs its head evaluations alone (target: within 1.2x)
-  sampling  CaloChallenge ms per shower of the whole chain (energy network, then ViT or laViT + VAE
-            decoder) for each solver and batch size (CUDA 1, 100, 10000; out of memory is recorded)
-  training  samples/s of an optimizer step of each script's model, from a raw batch (fetch, preprocessing)
   memory    peak RSS of common.load_showers on a synthetic DS3 file, in a clean subprocess
 Timings: median of up to --repeats calls after a warm-up (at most --budget seconds each); CUDA synchronised,
 bf16 autocast where the scripts use it. Peak memory: torch.cuda.max_memory_allocated per row on CUDA, the
-process's peak RSS (it only grows) on CPU. Measured numbers and how to read them: README.md, section "Speed and memory".
+process's peak RSS (it only grows) on CPU. Measured numbers: docs/RESULTS.md.
 """
 import argparse
 import contextlib
@@ -34,30 +34,27 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import bespoke  # noqa: E402
-import common
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 import energy
-import latent_vit
-import shape_vit
+import timing
 import vae as vae_lib
 
 HERE = Path(__file__).resolve().parents[1]
-SECTIONS = ("forward", "flops", "energy", "sampling", "training", "memory")
+SECTIONS = ("forward", "flops", "energy", "memory")
 PAPER_MS = {"energy_head": 0.37, "vit_ds2": 17, "vit_ds3": 84, "lavit_ds2": 31, "lavit_ds3": 63}  # H100, batch 100
-QUICK_TRAIN_BATCH = {"energy": 512, "shape_vit": 4, "vae": 4, "latent_vit": 4, "bespoke": 2}  # CPU --quick
 L = common.N_LAYERS
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", help="cpu, cuda (default: cuda if available)")
-    p.add_argument("--quick", action="store_true", help="smaller sizes (CPU: minutes instead of hours)")
+    p.add_argument("--quick", action="store_true", help="shorter budget; on the CPU batch 10 and 3 energy steps")
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     p.add_argument("--out", default="bench.json", help="JSON output (rewritten after every section)")
     p.add_argument("--ds", type=int, nargs="+", default=[2, 3], choices=(2, 3))
@@ -66,15 +63,6 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--forward-batch", type=int, help="batch of forward and flops (100; CPU --quick 10)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", help="chain batches "
-                   "(CUDA 1 100 10000; CUDA --quick or CPU 1 100; CPU --quick 1 10)")
-    p.add_argument("--solvers", nargs="+", default=["euler", "midpoint", "rk4", "bespoke"],
-                   choices=["euler", "midpoint", "rk4", "bespoke"], help="bespoke: ViT only, energy network rk4")
-    p.add_argument("--chains", nargs="+", default=["vit", "lavit"], choices=["vit", "lavit"])
-    p.add_argument("--shape-steps", type=int, default=20, help="shape ODE steps in the chain (paper: 20)")
-    p.add_argument("--energy-steps", type=int, default=50, help="energy ODE steps per layer in the chain (50)")
-    p.add_argument("--bespoke-steps", type=int, default=8, help="steps (= NFE) of the bespoke solver")
-    p.add_argument("--train-batch", type=int, help="one batch for all training scripts (default: presets)")
     p.add_argument("--kv-batch", type=int, default=1000, help="batch of the energy section")
     p.add_argument("--kv-solver", default="rk4", choices=sorted(common.NFE_PER_STEP))
     p.add_argument("--kv-steps", type=int, help="ODE steps of the energy section (50; CPU --quick 3)")
@@ -83,14 +71,11 @@ def parse_args(argv=None):
 
 
 def resolve(args, device):
-    cpu = device.type == "cpu"
-    small = args.quick and cpu
-    defaults = dict(budget=3.0 if args.quick else 10.0, forward_batch=10 if small else 100, kv_steps=3 if small else 50,
-                    batch_sizes=[1, 10] if small else [1, 100] if cpu or args.quick else [1, 100, 10000])
+    small = args.quick and device.type == "cpu"
+    defaults = dict(budget=3.0 if args.quick else 10.0, forward_batch=10 if small else 100, kv_steps=3 if small else 50)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.preset = "small" if small else "paper"  # shape networks of the chain; training batches
     return args
 
 
@@ -146,32 +131,17 @@ def in_context(fn, device, amp):
     return call
 
 
-# ----------------------------------------------------------------------------- networks with random weights
-def jitter(model, std=0.02):
-    """Noise in the zero-initialised (adaLN-Zero, output) weights, so no matmul multiplies zeros."""
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1 and not p.any():
-                p.normal_(0, std)
-    return model
-
-
-def vit_config(kind, ds, preset="paper"):
-    """The ViT of shape_vit.py ('vit', on the voxels) or of latent_vit.py ('lavit', on the VAE latent grid)."""
-    if kind == "vit":
-        p, shape = shape_vit.PRESETS[(ds, preset)], (1, *common.geometry(ds).shape)
-    else:
-        p, shape = latent_vit.PRESETS[(ds, preset)], vae_lib.PRESETS[ds]["latent"]
-    return common.ViTConfig(in_shape=tuple(shape), patch=tuple(p["patch"]), dim=p["dim"], heads=p["heads"],
-                            mlp=p["mlp"], depth=p["depth"], cond_dim=1 + L)
-
-
-def build_vit(kind, ds, device, preset="paper"):
-    return jitter(common.ViT(vit_config(kind, ds, preset))).to(device).eval()
-
-
-def build_vae(ds, device):
-    return jitter(vae_lib.VAE(**vae_lib.model_args_for(ds, 64))).to(device).eval()  # float32 as vae.py runs it: no autocast
+# ----------------------------------------------------------------------------- networks from random-weight checkpoints
+@functools.lru_cache(maxsize=None)
+def networks(ds, device):
+    """The paper-size networks of dataset ds from random-weight checkpoints in the stages' formats, read back with
+    the stages' loaders: {"energy": (EnergyNet, checkpoint), "vit", "lavit": ViT, "vae": VAE}, all in eval mode."""
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = timing.make_checkpoints(tmp, ds, "paper")
+        return {"energy": energy.load_model(runs["energy"], ds, device),
+                "vit": common.build_vit(common.load_checkpoint(runs["vit"], script="shape_vit", ds=ds), device),
+                "lavit": common.build_vit(common.load_checkpoint(runs["lavit"], script="latent_vit", ds=ds), device),
+                "vae": vae_lib.load_vae(runs["vae"], ds, device)[0]}  # float32 as vae.py runs it: no autocast
 
 
 def vit_inputs(model, batch, device):
@@ -179,40 +149,16 @@ def vit_inputs(model, batch, device):
             torch.randn(batch, model.cfg.cond_dim, device=device))
 
 
-def unit(shape, device):
-    """Identity standardisation statistics."""
-    return {"mean": torch.zeros(shape, device=device), "std": torch.ones(shape, device=device)}
-
-
-def shape_stats(ds, device):
-    """Identity preprocessing statistics for every shape-side network of dataset ds."""
-    return dict(vox=unit(common.geometry(ds).shape, device), cond=unit(L, device),
-                latent=unit(vae_lib.PRESETS[ds]["latent"], device))
-
-
-def energy_checkpoint(folder, ds):
-    """A random-weight energy checkpoint (paper preset), as energy.load_model reads it."""
-    path = Path(folder) / f"energy-ds{ds}.pt"
-    common.save_checkpoint(path, script="energy", ds=ds, config={"preset": "paper"}, stats=unit(L, "cpu"),
-                           model_args=energy.PRESETS["paper"], model=paper_energy_net().state_dict())
-    return path
-
-
-def paper_energy_net():
-    return common.EnergyNet(**energy.PRESETS["paper"])
-
-
-def energy_sampler(ckpt, ds, device, solver, steps, cache=True):
-    """u = sampler(e_inc): energy.py's sampler at fixed settings."""
-    model, c = energy.load_model(ckpt, ds, device)
-    return lambda e_inc: energy.sample_u(model, c["stats"], e_inc, device, solver, steps, 10 ** 9, cache, progress=False)
-
-
-def raw_batch(ds, n, seed=0):
-    """Synthetic raw showers as the scripts hold them in RAM: float32 numpy, MeV, 70 % empty voxels."""
-    rng, n_vox = np.random.default_rng(seed), common.geometry(ds).n_vox
-    showers = (rng.random((n, n_vox)) * (rng.random((n, n_vox)) < 0.3)).astype(np.float32)
-    return common.sample_e_inc(n, torch.Generator().manual_seed(seed)).float().numpy(), showers
+def used_parameters(module, fn):
+    """Parameters of module that fn() (a tensor) depends on: those that receive a gradient."""
+    params = list(module.parameters())
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    grads = torch.autograd.grad(fn().float().sum(), params, allow_unused=True)
+    for p, flag in zip(params, flags):
+        p.requires_grad_(flag)
+    return sum(p.numel() for p, g in zip(params, grads) if g is not None)
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -236,7 +182,7 @@ def counted_flops(model, batch=1):
 
 # ----------------------------------------------------------------------------- sections
 def n_params(*modules):
-    return sum(map(common.count_parameters, modules))
+    return sum(p.numel() for m in modules for p in m.parameters())  # the loaders freeze them: count all
 
 
 def vit_call(m, batch, device):
@@ -245,20 +191,21 @@ def vit_call(m, batch, device):
 
 def bench_forward(args, device, res):
     rand, bs, rows = functools.partial(torch.randn, device=device), args.forward_batch, []
-    net = paper_energy_net().to(device).eval()
+    net = networks(args.ds[0], device)["energy"][0]  # the energy network is the same for both datasets
     head = lambda x: net.head(net.head_in(x))  # noqa: E731  the CFM head on [x_t, t-emb, z_i] (129)
     unif = functools.partial(torch.rand, device=device)
     items = {"energy_head": (n_params(net.head_in, net.head), False, lambda b: (head, rand(b, 129))),
              "energy_net": (n_params(net), True, lambda b: (net, rand(b, L), unif(b), rand(b, L), unif(b, L)))}
     for ds in args.ds:
+        nets = networks(ds, device)
         for kind in ("vit", "lavit"):
-            m = build_vit(kind, ds, device)
+            m = nets[kind]
             items[f"{kind}_ds{ds}"] = (n_params(m), True, lambda b, m=m: (m, *vit_inputs(m, b, device)))
-        v, grid = build_vae(ds, device), common.geometry(ds).shape
+        v, grid = nets["vae"], common.geometry(ds).shape
         items[f"vae_ds{ds}"] = (n_params(v), False, lambda b, v=v, grid=grid: (
             v, unif(b, 1, *grid), rand(b, 1 + L), rand(b, *v.latent_shape)))
-        items[f"vae_decoder_ds{ds}"] = (n_params(v.cond_net, v.up, v.out), False,
-                                        lambda b, v=v: (v.decode, rand(b, *v.latent_shape), rand(b, 1 + L)))
+        decoder = (lambda b, v=v: (v.decode, rand(b, *v.latent_shape), rand(b, 1 + L)))
+        items[f"vae_decoder_ds{ds}"] = (used_parameters(v, lambda d=decoder: d(1)[0](*d(1)[1:])), False, decoder)
     for name, (params, amp, make) in items.items():
         call = lambda b: in_context(functools.partial(*make(b)), device, amp)  # noqa: E731
         ms, mem = timed(call(bs), device, args, call(1) if device.type == "cpu" else True) or (None, None)
@@ -276,7 +223,7 @@ def bench_flops(args, device, res):
     rows = [dict(name=f"matmul {n}^3 {str(dtype)[6:]}", gflop=2 * n ** 3 / 1e9, ms=ms, tflops=peak / 1e12,
                  fraction_of_peak=1.0)]
     forward = {r["name"]: r for r in res.get("forward", []) if r["batch"] == bs and r["ms"]}
-    for name, m in ((f"{kind}_ds{ds}", build_vit(kind, ds, device)) for ds in args.ds for kind in ("vit", "lavit")):
+    for name, m in ((f"{kind}_ds{ds}", networks(ds, device)[kind]) for ds in args.ds for kind in ("vit", "lavit")):
         if name in forward:  # the forward section's time of the same call
             ms = forward[name]["ms"]
         else:
@@ -292,16 +239,15 @@ def bench_energy(args, device, res):
     """load_energy_sampler with and without its KV cache (without: the decoder re-runs over the whole prefix
     for every layer, as the authors did); the decoder alone both ways; the 45 x steps x NFE evaluations of
     the full CFM head alone (no transformer, no solver), at the same batch."""
-    bs, solver, steps, tmp = args.kv_batch, args.kv_solver, args.kv_steps, tempfile.TemporaryDirectory()
-    ckpt = energy_checkpoint(tmp.name, 2)  # the energy network is the same for both datasets
-    samplers = [energy_sampler(ckpt, 2, device, solver, steps, cache=cache) for cache in (True, False)]
-    net, nfe = energy.load_model(ckpt, 2, device)[0], steps * common.NFE_PER_STEP[solver]
+    bs, solver, steps = args.kv_batch, args.kv_solver, args.kv_steps
+    net, ckpt = networks(args.ds[0], device)["energy"]  # the energy network is the same for both datasets
+    nfe = steps * common.NFE_PER_STEP[solver]
     e_inc = common.sample_e_inc(bs, torch.Generator().manual_seed(args.seed))
     c_e = common.energy_condition(e_inc).float().to(device)
     u = {}  # the last output of each sampler
 
     def sample(cache):
-        u[cache] = samplers[1 - cache](e_inc)
+        u[cache] = energy.sample_u(net, ckpt["stats"], e_inc, device, solver, steps, 10 ** 9, cache, progress=False)
 
     @torch.no_grad()
     def decoder(cache):  # sample_z without the ODEs: z_i of the 45 layers, each from its prefix
@@ -335,118 +281,6 @@ def bench_energy(args, device, res):
     # ODE part alone (sampler minus decoder) against the head evaluations shows the per-step overhead.
     rows[4].update(sampler_over_heads=rows[0]["ms"] / rows[4]["ms"],
                    ode_over_heads=(rows[0]["ms"] - rows[2]["ms"]) / rows[4]["ms"])
-    tmp.cleanup()
-    return rows
-
-
-def bench_sampling(args, device, res):
-    rows, tmp = [], tempfile.TemporaryDirectory()
-    for ds in args.ds:
-        vit, lavit = build_vit("vit", ds, device, args.preset), build_vit("lavit", ds, device, args.preset)
-        decoder = build_vae(ds, device)
-        stats, ckpt = shape_stats(ds, device), energy_checkpoint(tmp.name, ds)
-        def lavit_chain(e, u, solve, gen):  # latent ODE, then the VAE decoder (vae.py --decode)
-            z = latent_vit.generate(lavit, stats, e, u, solve, gen).to(device)
-            frac = decoder.decode(z, common.shape_condition(e.to(device), u.to(device), stats["cond"]))
-            return vae_lib.decoded_to_showers(frac, common.u_to_energies(e.to(device), u.to(device)), 1e-4).cpu()
-        shape = {"vit": lambda e, u, solve, gen: shape_vit.generate(vit, stats, e, u, ds, solve, gen),
-                 "lavit": lavit_chain}
-        for solver in args.solvers:
-            e_solver = "rk4" if solver == "bespoke" else solver
-            sampler = energy_sampler(ckpt, ds, device, e_solver, args.energy_steps)
-            bns = solver == "bespoke"  # an untrained n-step BNS solver (= Euler), applied as the samplers do
-            if bns:
-                common.save_checkpoint(Path(tmp.name) / "bns.pt", script="bespoke", ds=ds, n=args.bespoke_steps,
-                                       solver=common.BespokeSolver(args.bespoke_steps).state_dict())
-            for bs in args.batch_sizes:
-                e_inc, got = common.sample_e_inc(bs, torch.Generator().manual_seed(args.seed)), {}
-                base = dict(ds=ds, preset=args.preset, solver=solver, batch=bs,
-                            nfe_energy=L * args.energy_steps * common.NFE_PER_STEP[e_solver],
-                            nfe_shape=args.bespoke_steps if bns else args.shape_steps * common.NFE_PER_STEP[solver])
-                # the energy stage once per (solver, batch size); both shape networks take its u's
-                energy_time = timed(lambda: got.update(u=sampler(e_inc)), device, args, warm=device.type == "cuda")
-                for chain in [c for c in args.chains if not (bns and c == "lavit")]:
-                    gen = torch.Generator(device).manual_seed(args.seed)
-                    run = lambda k, c=chain: shape[c](e_inc, got["u"], common.make_solver(  # noqa: E731
-                        solver if bns else e_solver, k, Path(tmp.name) / "bns.pt", ds)[0], gen)
-                    shape_time = energy_time and timed(lambda: run(args.shape_steps), device, args, lambda: run(1))
-                    if not shape_time:
-                        rows.append(dict(base, chain=chain, status="out of memory"))
-                        continue
-                    (ms_e, mem_e), (ms_s, mem_s) = energy_time, shape_time
-                    rows.append(dict(base, chain=chain, status="ok", ms_per_shower_energy=ms_e / bs,
-                                     ms_per_shower_shape=ms_s / bs, ms_per_shower=(ms_e + ms_s) / bs,
-                                     peak_mem_mb=max(mem_e, mem_s)))
-    tmp.cleanup()
-    return rows
-
-
-def bench_training(args, device, res):
-    """One optimizer step of each script's model on a raw synthetic batch: the script's own fetch,
-    preprocessing (fresh noise) and loss, backward, AdamW (bespoke: Adam) step."""
-    gen = torch.Generator(device).manual_seed(args.seed)
-
-    def step_of(params, loss, opt=torch.optim.AdamW):
-        params = [p for p in params if p.requires_grad]
-        opt = opt(params, lr=1e-4)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            loss().backward()
-            opt.step()
-        return step, sum(p.numel() for p in params)
-
-    def energy_step(b, ds):
-        net = paper_energy_net().to(device)
-        z, c_e = torch.randn(b, L, device=device), torch.rand(b, device=device)
-
-        def loss():
-            with common.autocast(device):
-                return energy.cfm_loss(net, z, c_e, torch.randn_like(z), torch.rand_like(z))
-        return step_of(net.parameters(), loss)
-
-    def shape_step(b, ds, latent=False):  # shape_vit.py, or latent_vit.py on a latent file's rows
-        m = jitter(common.ViT(vit_config("lavit" if latent else "vit", ds))).to(device)
-        stats, (e_inc, showers), idx = shape_stats(ds, device), raw_batch(ds, b), np.arange(b)
-        lat = vae_lib.PRESETS[ds]["latent"]
-        data = dict(mu=np.random.default_rng(0).standard_normal((b, *lat), np.float32),
-                    logvar=np.full((b, *lat), -6, np.float32), incident_energies=e_inc.astype(np.float64),
-                    u=np.full((b, L), 0.3))
-
-        def loss():
-            if latent:
-                return latent_vit.batch_loss(m, *latent_vit.fetch(data, idx, device), stats, gen)
-            return shape_vit.batch_loss(m, *shape_vit.fetch(showers, e_inc, idx, device), stats, ds, gen)
-        return step_of(m.parameters(), loss)
-
-    def vae_step(b, ds):
-        v, (e_inc, showers), cond_stats = build_vae(ds, device).train(), raw_batch(ds, b), unit(L, device)
-        return step_of(v.parameters(), lambda: vae_lib.vae_loss(
-            v, *vae_lib.batch_inputs(e_inc, showers, ds, cond_stats, device)[:2], 1e-5, gen)[0])
-
-    def bespoke_step(b, ds):  # local loss of a BNS solver on a frozen ViT, random reference trajectories
-        m = build_vit("vit", ds, device).requires_grad_(False)
-        solver = common.BespokeSolver(args.bespoke_steps).to(device)
-        x0, _, cond = vit_inputs(m, b, device)
-        traj = torch.randn(b, bespoke.parse_args([]).ref_steps + 1, *m.cfg.in_shape, device=device)
-        field = lambda x, t, c: m.velocity(c)(x, t)  # noqa: E731
-        return step_of(solver.parameters(), lambda: bespoke.local_loss(solver, field, x0, cond, traj), torch.optim.Adam)
-
-    jobs = [("energy", energy_step, 4096, args.ds[0])]  # energy.py's batch; the others from their presets
-    for ds in args.ds:
-        jobs += [(f"shape_vit_ds{ds}", shape_step, shape_vit.PRESETS[(ds, "paper")]["batch_size"], ds),
-                 (f"vae_ds{ds}", vae_step, vae_lib.parse_args([]).batch_size, ds),
-                 (f"latent_vit_ds{ds}", functools.partial(shape_step, latent=True),
-                  latent_vit.PRESETS[(ds, "paper")]["batch_size"], ds),
-                 (f"bespoke_ds{ds}", bespoke_step, bespoke.PRESETS["paper"]["batch_size"], ds)]
-    rows = []
-    for name, make, preset_batch, ds in jobs:
-        b = args.train_batch or (QUICK_TRAIN_BATCH[name.split("_ds")[0]] if args.preset == "small" else preset_batch)
-        step, params = make(b, ds)
-        ms, mem = timed(step, device, args, warm=not (args.quick and device.type == "cpu")) or (None, None)
-        rows.append(dict(name=name, batch=b, params=params, ms_per_step=ms, samples_per_s=ms and b / ms * 1e3,
-                         peak_mem_mb=mem, status="ok" if ms else "out of memory"))
-        del step  # frees the model, its gradients and optimizer state before the next one
     return rows
 
 
@@ -493,16 +327,12 @@ def bench_memory(args, device, res):
     return rows
 
 
-BENCH = dict(forward=bench_forward, flops=bench_flops, energy=bench_energy, sampling=bench_sampling,
-             training=bench_training, memory=bench_memory)
+BENCH = dict(forward=bench_forward, flops=bench_flops, energy=bench_energy, memory=bench_memory)
 COLUMNS = dict(
     forward=["name", "batch", "params", "precision", "ms", "ms_per_sample", "paper_ms_h100", "peak_mem_mb"],
     flops=["name", "batch", "gflop", "gflop_counted", "ms", "tflops", "fraction_of_peak"],
     energy=["name", "batch", "solver", "steps", "head_evals", "ms", "ms_per_event", "speedup", "max_abs_diff",
             "sampler_over_heads", "ode_over_heads"],
-    sampling=["ds", "chain", "preset", "solver", "nfe_energy", "nfe_shape", "batch", "ms_per_shower_energy",
-              "ms_per_shower_shape", "ms_per_shower", "peak_mem_mb", "status"],
-    training=["name", "batch", "params", "ms_per_step", "samples_per_s", "peak_mem_mb", "status"],
     memory=["name", "n", "float32_gb", "baseline_gb", "peak_gb", "peak_over_float32", "excess_over_float32",
             "overhead_gb", "seconds"])
 
