@@ -712,6 +712,8 @@ def evaluate(gen_path, ref_path, ds, modes=("all",), out_dir="eval", seed=0, cls
                        fpd_kw=fpd_kw, cls_repeats=cls_repeats, cls=dict(cls, device=device, progress=progress)))
         text = json.dumps(_clean(summary), indent=1)
         common.atomic_write(work / "summary.json", lambda tmp: tmp.write_text(text))
+        if out.exists() and not overwrite:  # made meanwhile by another run
+            raise FileExistsError(f"{out} was written by another run meanwhile; pass --overwrite to replace it")
         publish(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # after an error: nothing half-written is left
@@ -741,7 +743,7 @@ def main(argv=None):
     p.add_argument("--ram-gb", type=float, default=12.0, help="above this, classifier/PRDC rows go to disk")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+    args = common.check_args(p.parse_args(argv))
     common.geometry(args.ds)  # ValueError for a wrong --ds
     refs = args.reference or common.data_files(args.ds, args.data_dir, toy=args.toy, split="ref")
     out = Path(args.out or Path("eval") / f"{Path(args.input).stem}-ds{args.ds}")
@@ -764,5 +766,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (common.DataError, FileExistsError, ValueError) as err:
+    except (common.DataError, OSError, ValueError) as err:
         sys.exit(f"error: {err}")
