@@ -4,12 +4,12 @@ second process on the same output or run folder. Most cases call a stage's main(
 command line turns into one `error:` line and exit 1 (test_command_lines checks that wrapper as a user meets it,
 side by side); kill -9 and second processes are real processes."""
 import importlib
+import json
 import os
 import resource
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -59,40 +59,49 @@ def all_finite(ckpt):
 
 
 # ----------------------------------------------------------------------------- kill -9 and --resume
+KILLED_TRAINERS = """import json, os, signal, sys, torch
+import common, energy, shape_vit
+torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # torch's lazy imports once, before the fork
+mod, name = (energy, "cfm_loss") if os.fork() else (shape_vit, "batch_loss")  # one process for each script
+real_save, real_loss, calls = common.save_checkpoint, getattr(mod, name), []
+def save(*a, **k):
+    real_save(*a, **k)
+    calls.append("saved")
+def loss(*a, **k):
+    if calls and torch.is_grad_enabled():
+        calls.append("step")
+        if len(calls) == 3:  # kill -9 in the second step after the first checkpoint
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_loss(*a, **k)
+common.save_checkpoint = save
+setattr(mod, name, loss)
+mod.main(json.loads(sys.argv[1])[mod.__name__])
+"""
+
+
 def test_sigkill_then_resume_gives_the_same_weights(toy_ds2, tmp_path):
-    """Both training scripts killed with SIGKILL after their first checkpoint and resumed (as a user does) end bit
-    for bit where the uninterrupted runs (in-process meanwhile) end."""
+    """Both training scripts, killed by SIGKILL in the middle of an epoch after their first checkpoint and resumed,
+    end bit for bit where the uninterrupted runs (in-process meanwhile) end."""
     import energy
     import shape_vit
-    train = toy_ds2 / "toy_ds2_train.hdf5"
-    argv = {s: ["--files", train, "--epochs", EPOCHS[s], *(ENERGY if s == "energy" else SHAPE)] for s in EPOCHS}
-    procs = {s: start([f"{s}.py", *argv[s], "--out", tmp_path / "killed"]) for s in EPOCHS}
-
-    def kill_at_first_checkpoint():
-        deadline = time.time() + 300
-        while procs and time.time() < deadline:
-            for s in list(procs):
-                if list((tmp_path / "killed").glob(f"{s}-ds2-*/ckpt.pt")) or procs[s].poll() is not None:
-                    procs.pop(s).send_signal(signal.SIGKILL)
-            time.sleep(0.02)
-    killer = threading.Thread(target=kill_at_first_checkpoint)
-    killer.start()
-    straight = {s: mod.main([*map(str, argv[s]), "--out", str(tmp_path / "straight")])
-                for s, mod in (("energy", energy), ("shape_vit", shape_vit))}
-    killer.join()
-    runs = {s: next((tmp_path / "killed").glob(f"{s}-ds2-*")) for s in EPOCHS}
-    killed_at = {s: common.load_checkpoint(runs[s])["epoch"] for s in EPOCHS}
-    resumed = {s: start([f"{s}.py", "--resume", runs[s], *QUIET]) for s in EPOCHS if killed_at[s] < EPOCHS[s]}
-    for s, proc in resumed.items():
-        err = proc.communicate(timeout=300)[1]
-        assert proc.returncode == 0, err[-2000:]
-        a, b = common.load_checkpoint(straight[s]), common.load_checkpoint(runs[s])
-        assert b["epoch"] == EPOCHS[s] and b["step"] == a["step"] and 1 <= killed_at[s], s
+    train, mods = toy_ds2 / "toy_ds2_train.hdf5", {"energy": energy, "shape_vit": shape_vit}
+    argv = {s: list(map(str, ["--files", train, "--epochs", "3", *(ENERGY if s == "energy" else SHAPE)])) for s in mods}
+    killed = {s: [*argv[s], "--out", str(tmp_path / "killed")] for s in mods}
+    proc = start(["-c", KILLED_TRAINERS, json.dumps(killed)])  # forks: one process for each script
+    straight = {s: mod.main([*argv[s], "--out", str(tmp_path / "straight")]) for s, mod in mods.items()}
+    err = proc.communicate(timeout=300)[1]  # both ends of the pipes closed: both processes died
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    for s in mods:
+        run = next((tmp_path / "killed").glob(f"{s}-ds2-*"))
+        assert common.load_checkpoint(run)["epoch"] == 1
+        assert mods[s].main(["--resume", str(run), *QUIET]) == run
+        a, b = common.load_checkpoint(straight[s]), common.load_checkpoint(run)
+        assert b["epoch"] == 3 and b["step"] == a["step"], s
         assert a["history"]["train_loss"] == b["history"]["train_loss"], s
         for k in a["model"]:
             assert torch.equal(a["model"][k], b["model"][k]), (s, k)
-    if not resumed:
-        pytest.skip("both runs finished before they could be killed")
+        for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+            assert all(torch.equal(x[k], y[k]) for k in x), s
 
 
 # ----------------------------------------------------------------------------- the command line's numbers
@@ -202,13 +211,14 @@ READS = (  # (reader, the faults it meets): every reader meets the one data chec
     + [("vae --encode", f) for f in ("nan", "e_n2")]
     + [("energy --like", f) for f in ("missing", "e_nan", "e_zero", "e_big", "e_n2", "group", "vox100")]
     + [("evaluate -i", f) for f in ("nan", "big", "e_zero", "damaged", "group", "e_n2")]
-    + [("evaluate -r", f) for f in ("nan", "corrupt")]
+    + [("evaluate -r", f) for f in ("nan", "corrupt")] + [("evaluate -m fpd", "one")]
     + [(r, f) for r in ("shape_vit --cond", "latent_vit --cond", "bespoke --cond") for f in COND_FAULTS]
     + [("vae --decode", f) for f in [*LATENT_FAULTS, "l_grid"]] + [("latent_vit", f) for f in LATENT_FAULTS]
     + [(r, f) for r in ("shape_vit --ckpt", "energy --ckpt") for f in ("text_ckpt", "half_ckpt")])
 WORDS = {**SHOWER_FAULTS, **COND_FAULTS, **LATENT_FAULTS, "one": "1 showers are too few to train on",
          "alike": "all alike", "l_grid": "decodes (2, 15, 9, 9)", "text_ckpt": "not a readable checkpoint",
-         "half_ckpt": "not a readable checkpoint"}
+         "half_ckpt": "not a readable checkpoint",
+         ("evaluate -m fpd", "one"): "1 showers per sample are too few for FPD"}
 
 
 def reader_call(reader, path, chain, toy_ds2, out):
@@ -241,6 +251,8 @@ def reader_call(reader, path, chain, toy_ds2, out):
                                     *QUIET]),
         "evaluate -i": (evaluate.main, ["-i", path, "-r", ref, "-m", "hist", "--no-plots", "--out", str(out / "ev"),
                                         "--no-progress"]),
+        "evaluate -m fpd": (evaluate.main, ["-i", path, "-r", ref, "-m", "fpd", "--out", str(out / "ev"),
+                                            "--no-progress"]),
         "evaluate -r": (evaluate.main, ["-i", ref, "-r", path, "-m", "hist", "--no-plots", "--out", str(out / "ev"),
                                         "--no-progress"]),
         "bespoke --cond": (lambda a: bespoke.train(bespoke.parse_args(a)), [
@@ -256,7 +268,8 @@ def reader_call(reader, path, chain, toy_ds2, out):
 @pytest.mark.parametrize("reader, fault", READS)
 def test_bad_input_files(reader, fault, bad, chain, toy_ds2, tmp_path):
     main, argv = reader_call(reader, bad[fault], chain, toy_ds2, tmp_path / "out")
-    expect_error(lambda: main(argv), WORDS[fault], Path(bad[fault]).name if fault not in ("one", "alike") else "")
+    expect_error(lambda: main(argv), WORDS.get((reader, fault), WORDS[fault]),
+                 Path(bad[fault]).name if fault not in ("one", "alike") else "")
     assert not (tmp_path / "out").exists() or files_under(tmp_path / "out") == []  # no run folder, no temporary
 
 
@@ -425,24 +438,34 @@ def test_a_second_trainer_on_a_live_run_folder_is_refused(toy_ds2, tmp_path):
     assert energy.main(["--resume", str(run), *QUIET]) == run and common.load_checkpoint(run)["epoch"] == 2
 
 
+SLOW_WRITER = """import sys, time, common, shape_vit
+real = common.H5Writer.write
+def write(self, *a):
+    real(self, *a)
+    print("writing", flush=True)
+    time.sleep(120)
+common.H5Writer.write = write
+shape_vit.main(sys.argv[1:])
+"""
+
+
 def test_a_killed_sampler_leaves_a_temporary_file_that_the_next_run_removes(chain, toy_ds2, tmp_path):
     """While a sampler writes, a second one with the same --output is refused; after kill -9 its temporary file
     (its pid in the name) goes at the next run, which writes the output."""
     import shape_vit
-    out, ref = tmp_path / "gen.hdf5", toy_ds2 / "toy_ds2_ref.hdf5"
-    argv = ["--sample", "--ckpt", chain["shape_vit"], "--cond", ref, "--batch-size", "20", "--output", out, *QUIET]
-    proc = start(["shape_vit.py", *argv, "--steps", "40"])  # long enough to be caught at work
-    argv += ["--n", "4", "--steps", "1"]
+    out = tmp_path / "gen.hdf5"
+    argv = list(map(str, ["--sample", "--ckpt", chain["shape_vit"], "--cond", chain["cond"], "--n", "4", "--steps",
+                          "1", "--batch-size", "2", "--output", out, *QUIET]))
+    proc = start(["-c", SLOW_WRITER, *argv])  # caught at work after its first batch
+    while proc.stdout.readline() not in ("writing\n", ""):
+        pass
     tmp = tmp_path / f".gen.hdf5.{proc.pid}.tmp"
-    for _ in range(3000):
-        if tmp.is_file() or proc.poll() is not None:
-            break
-        time.sleep(0.02)
-    expect_error(lambda: shape_vit.main(list(map(str, argv))), f"another process (pid {proc.pid})")
+    assert tmp.is_file(), proc.stderr.read()[-2000:]
+    expect_error(lambda: shape_vit.main(argv), f"another process (pid {proc.pid})")
     proc.kill()
     proc.wait()
     assert tmp.is_file() and not out.exists()
-    assert shape_vit.main(list(map(str, argv))) == out and files_under(tmp_path) == ["gen.hdf5", "gen.hdf5.json"]
+    assert shape_vit.main(argv) == out and files_under(tmp_path) == ["gen.hdf5", "gen.hdf5.json"]
 
 
 DEMO_PARENT = """import subprocess, sys, time
@@ -481,17 +504,39 @@ def test_demo_stages_die_with_it_and_a_rerun_starts_no_second_trainer(tmp_path):
 
 
 # ----------------------------------------------------------------------------- as a user meets it
-def full_disk(limit):
-    """preexec_fn: writes beyond `limit` bytes per file fail (EFBIG) as on a full disk."""
-    def set_limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return set_limit
+RUNNER = """import json, os, resource, runpy, signal, sys, tempfile, traceback
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write beyond RLIMIT_FSIZE fails with EFBIG, as on a full disk
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+results = {}
+for name, (argv, limit) in json.loads(sys.argv[1]).items():
+    sys.argv, rc = argv, 0
+    with tempfile.TemporaryFile("w+") as err:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(err.fileno(), 2)  # the terminal's stderr: what Python and HDF5 print there
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit or hard, hard))
+        try:
+            runpy.run_path(argv[0], run_name="__main__")
+        except SystemExit as e:  # what the interpreter does with it at the top level
+            rc = e.code if isinstance(e.code, int) else 1
+            if not isinstance(e.code, int):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            rc = 1
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        err.seek(0)
+        results[name] = (rc, err.read())
+print(json.dumps(results))
+"""
 
 
 def test_command_lines(chain, bad, toy_ds2, tmp_path):
-    """Every stage's command line: one `error:` line and exit 1 for a bad input and for a full disk (sampling,
-    checkpoints, synthetic showers), and nothing left behind."""
+    """Every stage's command line as a user meets it (its `__main__` block, one process for all): one `error:`
+    line and exit 1 for a bad input and for a full disk (sampling, checkpoints, synthetic showers), and nothing
+    left behind."""
     ref, quiet = toy_ds2 / "toy_ds2_ref.hdf5", [*QUIET, "--out", tmp_path / "runs"]
     cases = {  # name -> (argv, bytes per file or None, words)
         "energy_full_disk": (["energy.py", "--files", toy_ds2 / "toy_ds2_train.hdf5", "--epochs", "1", *ENERGY,
@@ -504,12 +549,12 @@ def test_command_lines(chain, bad, toy_ds2, tmp_path):
         "latent_vit": (["latent_vit.py", "--latents", bad["l_rows"], "--epochs", "1", *quiet], None, ["latent file"]),
         "bespoke": (["bespoke.py", "--ckpt", bad["text_ckpt"], *quiet], None, ["not a readable checkpoint"]),
         "evaluate": (["evaluate.py", "-i", bad["damaged"], "-r", ref, "-m", "hist", "--out", tmp_path / "ev",
-                      "--no-progress"], None,
-                     ["cannot be read"])}
-    procs = {name: start(argv, preexec_fn=full_disk(limit) if limit else None) for name, (argv, limit, _) in
-             cases.items()}
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=300)
-        assert_one_error_line(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), *cases[name][2])
+                      "--no-progress"], None, ["cannot be read"])}
+    jobs = {name: (list(map(str, argv)), limit) for name, (argv, limit, _) in cases.items()}
+    proc = start(["-c", RUNNER, json.dumps(jobs)])
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    for name, (rc, stderr) in json.loads(out.splitlines()[-1]).items():
+        assert_one_error_line(subprocess.CompletedProcess(name, rc, "", stderr), *cases[name][2])
     left = [f for f in files_under(tmp_path) if not f.endswith(("log.txt", ".lock"))]
     assert left == [], left
