@@ -111,11 +111,11 @@ def warn(msg):
         tqdm.write(f"warning: {msg}", file=sys.stderr)
 
 
-def check_data(where, columns, nonnegative=True, error=DataError):
+def check_data(where, columns, nonnegative=True, error=DataError, path=None):
     """The one data check of every reader, writer and statistics fit. columns {name: array}: every value finite also
     after the cast to float32; incident_energies > 0; u's in [0, 1]; with nonnegative (the networks' input): voxels
-    >= 0 and E_tot <= E_inc / U0_SCALE (u_0 <= 1). `where` (file and rows) starts the message. Returns how many
-    incident energies lie outside [1 GeV, 1 TeV], the datasets' range (the caller warns)."""
+    >= 0 and E_tot <= E_inc / U0_SCALE (u_0 <= 1). `where` (file and rows) starts the message. With a path (a
+    reader), incident energies outside [1 GeV, 1 TeV], the datasets' range, give one warning naming it."""
     arrays = {k: _numpy(v) if torch.is_tensor(v) else np.asarray(v) for k, v in columns.items()}
     for name, a in arrays.items():
         lo, hi = (a.min(), a.max()) if a.size else (0.0, 0.0)  # NaN propagates; no temporary copy of a chunk
@@ -133,11 +133,7 @@ def check_data(where, columns, nonnegative=True, error=DataError):
         if ratio.max() > 1 / U0_SCALE:
             raise error(f"{where}: a shower deposits {ratio.max():.3g} x E_inc, more than the {1 / U0_SCALE:.3g} "
                         f"that u_0 = {U0_SCALE} E_tot / E_inc <= 1 allows (are the energies in MeV?)")
-    return 0 if e is None else int(((e < E_MIN * (1 - 1e-6)) | (e > E_MAX * (1 + 1e-6))).sum())
-
-
-def _warn_range(path, n_out):
-    if n_out:
+    if path is not None and e is not None and ((e < E_MIN * (1 - 1e-6)) | (e > E_MAX * (1 + 1e-6))).any():
         warn(f"{path} holds incident energies outside [1 GeV, 1 TeV], the datasets' range: the networks never saw "
              f"such showers (the files hold MeV)")
 
@@ -217,9 +213,8 @@ def iter_showers(paths, ds, max_showers=None, chunk=None, progress=True, nonnega
                     x = f["showers"][start:stop].reshape(stop - start, -1).astype(np.float64)
                 except OSError as err:  # a damaged chunk inside a valid file
                     raise DataError(f"{path}: showers {start}-{stop} cannot be read ({err})") from None
-                n_out = check_data(f"{path} (showers {start}-{stop})", {"incident_energies": e, "showers": x},
-                                   nonnegative)
-                _warn_range(path, n_out)
+                check_data(f"{path} (showers {start}-{stop})", {"incident_energies": e, "showers": x}, nonnegative,
+                           path=path)
                 yield e, x
                 done += stop - start
                 bar.update(stop - start)
@@ -494,9 +489,9 @@ def read_conditions(path, ds, n=None, progress=False, with_u=True):
             raise DataError(f"{path}: its incident energies cannot be read ({err})") from None
         finally:
             f.close()
-        _warn_range(path, check_data(str(path), {"incident_energies": e_inc}))
+        check_data(str(path), {"incident_energies": e_inc}, path=path)
         return torch.from_numpy(e_inc), None, {"source": str(path)}
-    _warn_range(path, check_data(str(path), {"incident_energies": e_inc, "u": u}))
+    check_data(str(path), {"incident_energies": e_inc, "u": u}, path=path)
     return torch.from_numpy(e_inc), torch.from_numpy(u), {"source": str(path), **attrs}
 
 
@@ -531,7 +526,7 @@ def read_latents(path, ds, n=None):
         raise DataError(f"{path}: a latent file holds incident_energies (N, 1), u (N, 45) and mu + logvar or z "
                         f"(N, C, L, A, R), got {({k: v.shape for k, v in out.items()})}")
     out["incident_energies"] = out["incident_energies"].reshape(-1)
-    _warn_range(path, check_data(str(path), out))
+    check_data(str(path), out, path=path)
     return out, attrs
 
 

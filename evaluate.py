@@ -510,22 +510,12 @@ def plot_histograms(out, hists):
 
 
 # ----------------------------------------------------------------------------- output folder, checks
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's
-        pass
-    return True
-
-
 def claim_out(out):
     """Create the hidden work folder .<out>.<pid>.tmp beside out, after removing those of dead runs (pid gone)."""
     prefix = f".{out.name}."
     for old in out.parent.glob(f"{prefix}*") if out.parent.is_dir() else ():
         pid = old.name[len(prefix):].split(".")[0]
-        if old.is_dir() and pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+        if old.is_dir() and pid.isdigit() and (int(pid) == os.getpid() or not common.pid_alive(int(pid))):
             shutil.rmtree(old, ignore_errors=True)
     (work := out.parent / f"{prefix}{os.getpid()}.tmp").mkdir(parents=True)
     return work
