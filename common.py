@@ -1131,23 +1131,6 @@ def unlock_folder(folder):
         os.close(fd)
 
 
-def folder_holder(folder):
-    """The pid (a string) of the live process that holds folder/.lock, or None."""
-    key = Path(folder).resolve() / ".lock"
-    if fcntl is None or not key.is_file():
-        return None
-    if key in _LOCKS:
-        return str(os.getpid())
-    fd = os.open(key, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return None
-    except BlockingIOError:
-        return os.pread(fd, 20, 0).decode(errors="replace").strip() or "?"
-    finally:
-        os.close(fd)
-
-
 class Log:
     """Print a line and append it to <run>/log.txt (under torchrun: on rank 0 only)."""
 

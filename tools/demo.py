@@ -139,14 +139,12 @@ class Chain:
     def refuse_live(self, script):
         """No second trainer: a run folder of `script` still held by a live training (one that outlived a killed
         demo.py where stages cannot die with it) stops the demo."""
-        for _ in range(20):  # a stage killed a moment ago may still be going
-            live = [(r, common.folder_holder(r)) for r in (self.dir / "runs").glob(f"{script}-ds{self.ds}-*")]
-            live = [(r, pid) for r, pid in live if pid]
-            if not live:
-                return
-            time.sleep(0.05)
-        sys.exit(f"error: {live[0][0]} is in use by a running training (pid {live[0][1]}); wait for it to end or "
-                 f"stop it, then run demo.py again")
+        for run in (self.dir / "runs").glob(f"{script}-ds{self.ds}-*"):
+            try:
+                common.lock_folder(run)  # free: taken and given back at once
+            except common.OutputError as err:
+                sys.exit(f"error: {err}, then run demo.py again")
+            common.unlock_folder(run)
 
     def newest_run(self, script):
         runs = sorted((self.dir / "runs").glob(f"{script}-ds{self.ds}-*/ckpt.pt"), key=lambda p: p.stat().st_mtime)
