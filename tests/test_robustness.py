@@ -6,7 +6,6 @@ side by side); kill -9 and second processes are real processes."""
 import importlib
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
