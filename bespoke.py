@@ -199,6 +199,7 @@ def train_solver(n, loss_name, field, pool, args, log):
 def train(args):
     """Train one solver per (--steps, --loss) from one shared reference pool; returns their run folders."""
     device = common.pick_device(args.device)
+    common.check_folder(args.out)  # the run folders come after the training: check --out first
     common.seed_everything(args.seed)
     path = Path(args.ckpt) if args.ckpt else common.find_latest_run("shape_vit", args.ds, args.out)
     ckpt = common.load_checkpoint(path, script=("shape_vit", "latent_vit"), ds=args.ds)
@@ -238,5 +239,5 @@ def train(args):
 if __name__ == "__main__":
     try:
         train(parse_args())
-    except (common.DataError, common.TrainingError, FileExistsError, ValueError) as err:
+    except (common.DataError, common.TrainingError, OSError, ValueError) as err:
         sys.exit(f"error: {err}")

@@ -18,9 +18,11 @@ Files the stages hand over (every one written under a hidden temporary name and 
 """
 import argparse
 import contextlib
+import glob
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 from tqdm import tqdm
+
+try:
+    import fcntl  # run-folder locks (POSIX)
+except ImportError:
+    fcntl = None
 
 # ----------------------------------------------------------------------------- geometry (SPEC 1)
 N_LAYERS = 45
@@ -85,6 +92,50 @@ def geometry(ds):
 # ----------------------------------------------------------------------------- files
 class DataError(Exception):
     """Bad input data; the message is one sentence naming the file and the problem."""
+
+
+class OutputError(DataError):
+    """An output that cannot be written (a full disk, a folder that takes no file, a second writer); nothing of it
+    is left behind."""
+
+
+MIN_SHOWERS = 10  # a training run needs at least this many showers (a std of fewer is noise)
+F32_MAX = float(np.finfo(np.float32).max)
+_WARNED = set()
+
+
+def warn(msg):
+    """One `warning: ...` line on stderr, once per message in a process."""
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        tqdm.write(f"warning: {msg}", file=sys.stderr)
+
+
+def check_data(where, columns, nonnegative=True, error=DataError, path=None):
+    """The one data check of every reader, writer and statistics fit. columns {name: array}: every value finite also
+    after the cast to float32; incident_energies > 0; u's in [0, 1]; with nonnegative (the networks' input): voxels
+    >= 0 and E_tot <= E_inc / U0_SCALE (u_0 <= 1). `where` (file and rows) starts the message. With a path (a
+    reader), incident energies outside [1 GeV, 1 TeV], the datasets' range, give one warning naming it."""
+    arrays = {k: _numpy(v) if torch.is_tensor(v) else np.asarray(v) for k, v in columns.items()}
+    for name, a in arrays.items():
+        lo, hi = (a.min(), a.max()) if a.size else (0.0, 0.0)  # NaN propagates; no temporary copy of a chunk
+        if not (-F32_MAX <= lo and hi <= F32_MAX):
+            raise error(f"{where}: NaN/inf {name} (or values beyond float32)")
+    e, x, u = (arrays.get(k) for k in ("incident_energies", "showers", "u"))
+    if e is not None and e.size and e.min() <= 0:
+        raise error(f"{where}: incident energies <= 0")
+    if u is not None and u.size and (u.min() < 0 or u.max() > 1):
+        raise error(f"{where}: u's outside [0, 1]")
+    if nonnegative and x is not None and x.size and x.min() < 0:
+        raise error(f"{where}: negative voxel energies")
+    if nonnegative and x is not None and e is not None and len(e):
+        ratio = x.reshape(len(e), -1).sum(1) / e.reshape(-1)
+        if ratio.max() > 1 / U0_SCALE:
+            raise error(f"{where}: a shower deposits {ratio.max():.3g} x E_inc, more than the {1 / U0_SCALE:.3g} "
+                        f"that u_0 = {U0_SCALE} E_tot / E_inc <= 1 allows (are the energies in MeV?)")
+    if path is not None and e is not None and ((e < E_MIN * (1 - 1e-6)) | (e > E_MAX * (1 + 1e-6))).any():
+        warn(f"{path} holds incident energies outside [1 GeV, 1 TeV], the datasets' range: the networks never saw "
+             f"such showers (the files hold MeV)")
 
 
 def data_files(ds, data_dir="data", toy=False, split="train"):
@@ -145,8 +196,9 @@ def count_showers(paths, ds, max_showers=None):
 
 def iter_showers(paths, ds, max_showers=None, chunk=None, progress=True, nonnegative=True):
     """The one reader of CaloChallenge files: yields (e_inc (k,), showers (k, n_vox)) float64 chunks of the
-    first max_showers showers, checked (finite also as float32, E_inc > 0, and voxels >= 0 unless
-    nonnegative=False). A chunk is at most 64 MB of float64, so nothing but the caller's arrays grows with the file."""
+    first max_showers showers, checked by check_data (finite also as float32, E_inc > 0; unless nonnegative=False,
+    voxels >= 0 and u_0 <= 1; E_inc outside [1 GeV, 1 TeV] warns). A chunk is at most 64 MB of float64, so
+    nothing but the caller's arrays grows with the file."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     total, handles, done = count_showers(paths, ds, max_showers), [], 0
     chunk = chunk or max(1, min(5000, 2 ** 26 // (8 * geometry(ds).n_vox)))  # DS2: 1294 rows, DS3: 207
@@ -161,10 +213,8 @@ def iter_showers(paths, ds, max_showers=None, chunk=None, progress=True, nonnega
                     x = f["showers"][start:stop].reshape(stop - start, -1).astype(np.float64)
                 except OSError as err:  # a damaged chunk inside a valid file
                     raise DataError(f"{path}: showers {start}-{stop} cannot be read ({err})") from None
-                if not (np.isfinite(e).all() and np.isfinite(x).all() and np.abs(x).max(initial=0) < 3e38):
-                    raise DataError(f"{path} holds NaN, inf or values beyond float32 (showers {start}-{stop})")
-                if (e <= 0).any() or (nonnegative and (x < 0).any()):
-                    raise DataError(f"{path} holds negative energies or E_inc <= 0 (showers {start}-{stop})")
+                check_data(f"{path} (showers {start}-{stop})", {"incident_energies": e, "showers": x}, nonnegative,
+                           path=path)
                 yield e, x
                 done += stop - start
                 bar.update(stop - start)
@@ -197,29 +247,127 @@ def load_u(paths, ds, max_showers=None, chunk=1000, progress=True):
     return torch.cat(e_all), torch.cat(u_all)
 
 
+def pid_alive(pid):
+    """Whether a process with this pid runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
+
+
+def claim_output(path, overwrite=False):
+    """The checks before any work on an output file: an existing one is refused (unless overwrite), and so is a
+    second live writer; the temporary files of dead writers (kill -9) are removed; the folder is created and must
+    take a file. Returns this process's temporary name .<name>.<pid>.tmp (not created)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    if path.is_dir():
+        raise OutputError(f"cannot write {path}: it is a folder")
+    prefix = f".{path.name}."
+    for old in path.parent.glob(f"{glob.escape(prefix)}*.tmp") if path.parent.is_dir() else ():
+        pid = old.name[len(prefix):-len(".tmp")]
+        if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
+            raise OutputError(f"another process (pid {pid}) is writing {path} now (its temporary file {old.name}: "
+                              f"remove it if no such process runs)")
+        if pid.isdigit():
+            old.unlink(missing_ok=True)  # left by a killed writer
+    tmp = path.with_name(f"{prefix}{os.getpid()}.tmp")
+    check_folder(path.parent, tmp, path)
+    return tmp
+
+
+def check_folder(folder, probe=None, what=None):
+    """Create folder (and its parents) and check that it takes a file (`probe`, default .probe.<pid>.tmp, made
+    and removed): an OutputError before any work, not after it."""
+    folder = Path(folder)
+    what, probe = what or folder, probe or folder / f".probe.{os.getpid()}.tmp"
+    blocker = next((p for p in [folder, *folder.parents] if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise OutputError(f"cannot write {what}: {blocker} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        os.unlink(probe)
+    except OSError as err:
+        raise OutputError(f"cannot write {what}: {err.strerror or err}") from None
+
+
+def _publish(tmp, path, overwrite):
+    """Give a finished temporary file its name; without overwrite, never replace a file that appeared meanwhile."""
+    if not overwrite:
+        try:
+            os.link(tmp, path)  # atomic, and fails if path exists
+            os.unlink(tmp)
+            return
+        except FileExistsError:
+            raise OutputError(f"{path} was written by another process meanwhile; this output was discarded") from None
+        except OSError:  # a file system without hard links
+            if path.exists():
+                raise OutputError(f"{path} was written by another process meanwhile; this output was discarded") \
+                    from None
+    os.replace(tmp, path)
+
+
+class _SinkFile:
+    """The unbuffered file under an H5Writer or a checkpoint. A failed write (a full disk) is kept in .error and every
+    later write is dropped, but the writer is told it succeeded: HDF5 then stays consistent and closes the file
+    (a write error inside HDF5 leaves it in a state that crashes the interpreter), and the caller reports .error."""
+
+    def __init__(self, path):
+        self.file, self.error = open(path, "xb+", buffering=0), None
+
+    def write(self, data):
+        view, done = memoryview(data).cast("B"), 0
+        while self.error is None and done < len(view):
+            try:
+                done += self.file.write(view[done:])
+            except OSError as err:
+                self.error = err
+        return len(view)
+
+    def truncate(self, size=None):
+        if self.error is None:
+            try:
+                return self.file.truncate(size)
+            except OSError as err:
+                self.error = err
+        return size
+
+    def __getattr__(self, name):  # read, readinto, seek, tell, flush
+        return getattr(self.file, name)
+
+
 class H5Writer:
     """Stream rows into an HDF5 file under a hidden temporary name; it gets its final name only when all n rows
     are written, so an error or a kill never leaves a half-written file under that name.
 
         with H5Writer("cond.hdf5", n, {"incident_energies": (1,), "u": (45,)}, attrs={"ds": 2}) as w:
-            w.write(e_inc_batch, u_batch)        # columns in order, any batch size, non-finite values refused
+            w.write(e_inc_batch, u_batch)        # columns in order, any batch size, checked by check_data
 
-    Columns are gzip-compressed, float64 unless dtypes names another type."""
+    Columns are gzip-compressed, float64 unless dtypes names another type. The output is claimed when the writer
+    is made (claim_output: before the work), a failed write (a full disk) is one OutputError and leaves nothing,
+    and without overwrite a file that appeared meanwhile is never replaced."""
 
     def __init__(self, path, n, columns, attrs=None, overwrite=False, dtypes=None):
         self.path, self.n, self.columns, self.attrs = Path(path), int(n), dict(columns), dict(attrs or {})
         self.dtypes = {k: (dtypes or {}).get(k, "float64") for k in self.columns}
-        if self.path.exists() and not overwrite:
-            raise FileExistsError(f"{self.path} exists; pass --overwrite to replace it")
-        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        self.done = 0
+        self.overwrite, self.tmp, self.done = overwrite, claim_output(self.path, overwrite), 0
 
     def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = h5py.File(self.tmp, "w")
-        self.sets = [self.f.create_dataset(name, (self.n, *tail), dtype=self.dtypes[name], compression="gzip",
-                                           chunks=(max(1, min(self.n, 2 ** 17 // max(1, math.prod(tail)))), *tail))
-                     for name, tail in self.columns.items()]  # ~1 MB chunks
+        self.sink = _SinkFile(self.tmp)
+        try:
+            self.f = h5py.File(self.sink, "w")
+            self.sets = [self.f.create_dataset(name, (self.n, *tail), dtype=self.dtypes[name], compression="gzip",
+                                               chunks=(max(1, min(self.n, 2 ** 17 // max(1, math.prod(tail)))), *tail))
+                         for name, tail in self.columns.items()]  # ~1 MB chunks
+            self._check()
+        except BaseException:
+            self._discard()
+            raise
         return self
 
     def write(self, *arrays):
@@ -227,23 +375,51 @@ class H5Writer:
         k = len(arrays[0])
         if self.done + k > self.n:
             raise ValueError(f"writing more than the {self.n} rows announced for {self.path}")
-        for (name, tail), a, dset in zip(self.columns.items(), arrays, self.sets):
+        for (name, tail), a in zip(self.columns.items(), arrays):
             if a.size != k * math.prod(tail):
                 raise ValueError(f"{name} has shape {a.shape[1:]} per row, {self.path} expects {tail}")
-            if not np.isfinite(a).all():
-                raise ValueError(f"refusing to write NaN/inf {name} to {self.path}")
-            dset[self.done:self.done + k] = a.reshape(k, *tail)
+        check_data(f"refusing to write {self.path}", dict(zip(self.columns, arrays)), False, ValueError)
+        try:
+            for (name, tail), a, dset in zip(self.columns.items(), arrays, self.sets):
+                dset[self.done:self.done + k] = a.reshape(k, *tail)
+        except OSError as err:  # HDF5 reading back a chunk the full disk never took
+            self._check(err)
+            raise
+        self._check()
         self.done += k
 
+    def _check(self, err=None):
+        """An OutputError if the disk refused a write."""
+        cause = self.sink.error or err
+        if cause is not None:
+            raise OutputError(f"cannot write {self.path}: {getattr(cause, 'strerror', None) or cause}; nothing of "
+                              f"it was left") from None
+
+    def _discard(self):
+        with contextlib.suppress(Exception):
+            self.f.close()
+        self.sink.file.close()
+        self.tmp.unlink(missing_ok=True)
+
     def __exit__(self, exc_type, exc, tb):  # attrs may still be added while the writer is open
-        self.f.attrs.update({k: v for k, v in self.attrs.items() if v is not None})
-        self.f.close()
-        if exc_type is not None or self.done != self.n:
-            self.tmp.unlink(missing_ok=True)
-            if exc_type is None:
-                raise ValueError(f"only {self.done} of {self.n} rows were written; {self.path} not created")
+        if exc_type is not None:
+            self._discard()
             return False
-        os.replace(self.tmp, self.path)
+        try:
+            if self.done != self.n:
+                raise ValueError(f"only {self.done} of {self.n} rows were written; {self.path} not created")
+            self.f.attrs.update({k: v for k, v in self.attrs.items() if v is not None})
+            try:
+                self.f.close()
+            except (OSError, RuntimeError) as err:
+                self._check(err)
+                raise
+            self._check()
+            self.sink.file.close()
+            _publish(self.tmp, self.path, self.overwrite)
+        except BaseException:
+            self._discard()
+            raise
         return False
 
 
@@ -288,7 +464,8 @@ def read_conditions(path, ds, n=None, progress=False, with_u=True):
             if is_cond:
                 if attrs.get("ds", ds) != ds:
                     raise DataError(f"{path} holds dataset-{attrs['ds']} conditions, but --ds is {ds}")
-                if f["u"].shape[1:] != (N_LAYERS,) or f["incident_energies"].shape[0] != len(f["u"]):
+                if f["u"].shape[1:] != (N_LAYERS,) or f["incident_energies"].shape not in ((len(f["u"]), 1),
+                                                                                          (len(f["u"]),)):
                     raise DataError(f"{path}: a condition file holds incident_energies (N, 1) and u (N, 45)")
                 take = len(f["u"]) if n is None else n
                 if take > len(f["u"]):
@@ -306,13 +483,15 @@ def read_conditions(path, ds, n=None, progress=False, with_u=True):
             e, uu = load_u(path, ds, n, progress=progress)
             return e, uu, {"source": f"true u's of {path}"}
         f, total = open_showers(path, ds)
-        with f:
-            e_inc, u = f["incident_energies"][:total if n is None else n].reshape(-1).astype(np.float64), None
-        if not np.isfinite(e_inc).all() or (e_inc <= 0).any():
-            raise DataError(f"{path} holds NaN/inf or non-positive incident energies")
+        try:
+            e_inc = f["incident_energies"][:total if n is None else n].reshape(-1).astype(np.float64)
+        except OSError as err:
+            raise DataError(f"{path}: its incident energies cannot be read ({err})") from None
+        finally:
+            f.close()
+        check_data(str(path), {"incident_energies": e_inc}, path=path)
         return torch.from_numpy(e_inc), None, {"source": str(path)}
-    if not (np.isfinite(e_inc).all() and np.isfinite(u).all()) or (e_inc <= 0).any() or (u < 0).any():
-        raise DataError(f"{path} holds NaN/inf, negative u's or E_inc <= 0")
+    check_data(str(path), {"incident_energies": e_inc, "u": u}, path=path)
     return torch.from_numpy(e_inc), torch.from_numpy(u), {"source": str(path), **attrs}
 
 
@@ -329,16 +508,25 @@ def read_latents(path, ds, n=None):
             if attrs.get("format") != "calodream-latents" or attrs.get("ds") != ds:
                 raise DataError(f"{path} is not a dataset-{ds} latent file (format {attrs.get('format')!r}, "
                                 f"ds {attrs.get('ds')!r})")
+            sets = {k: v for k, v in f.items() if isinstance(v, h5py.Dataset) and v.ndim}
+            if n is not None and "u" in sets and n > len(sets["u"]):
+                raise DataError(f"{path} holds {len(sets['u'])} latents, fewer than the {n} asked for")
             take = slice(None) if n is None else slice(0, n)
-            out = {k: f[k][take].astype(np.float64 if k in ("incident_energies", "u") else np.float32) for k in f}
+            out = {k: v[take].astype(np.float64 if k in ("incident_energies", "u") else np.float32)
+                   for k, v in sets.items()}
     except OSError as err:
         raise DataError(f"{path} is not a readable HDF5 file ({err})") from None
     missing = {"incident_energies", "u"} - set(out) or ({"mu", "z"} - set(out) if not {"mu", "z"} & set(out) else set())
     if missing:
         raise DataError(f"{path} lacks {', '.join(sorted(missing))}")
+    n_rows, lat = len(out["u"]), out.get("z", out.get("mu"))
+    if (out["u"].shape[1:] != (N_LAYERS,) or out["incident_energies"].shape not in ((n_rows, 1), (n_rows,))
+            or any(len(v) != n_rows for v in out.values()) or lat.ndim != 5
+            or any(out[k].shape != lat.shape for k in ("mu", "logvar", "z") if k in out)):
+        raise DataError(f"{path}: a latent file holds incident_energies (N, 1), u (N, 45) and mu + logvar or z "
+                        f"(N, C, L, A, R), got {({k: v.shape for k, v in out.items()})}")
     out["incident_energies"] = out["incident_energies"].reshape(-1)
-    if not all(np.isfinite(v).all() for v in out.values()):
-        raise DataError(f"{path} holds NaN or inf values")
+    check_data(str(path), out, path=path)
     return out, attrs
 
 
@@ -354,6 +542,8 @@ def find_newest(pattern, root="runs", what="run", hint=""):
 def split_indices(n, val_fraction=0.01, seed=0, min_val=300):
     """Deterministic train/validation split of n showers: a share val_fraction, but (when it is > 0) at least
     min_val showers or a tenth of them, whichever is fewer (the submission trained on all showers: keep it small)."""
+    if n < MIN_SHOWERS:
+        raise DataError(f"{n} showers are too few to train on: at least {MIN_SHOWERS} are needed")
     perm = np.random.default_rng(seed).permutation(n)
     n_val = int(round(n * val_fraction))
     n_val = max(n_val, min(min_val, n // 10)) if val_fraction > 0 else 0
@@ -411,9 +601,22 @@ def inverse_logit(z):
 
 
 def fit_standardizer(x, dim=0):
-    """Mean and std along dim (float64 accumulation); the std never drops below 1e-6."""
+    """Mean and std along dim (float64 accumulation); the std never drops below 1e-6. Checked by check_stats."""
     x = x.double()
-    return {"mean": x.mean(dim).float(), "std": x.std(dim).clamp(min=1e-6).float()}
+    return check_stats({"mean": x.mean(dim).float(), "std": x.std(dim).clamp(min=1e-6).float()}, x.shape[dim])
+
+
+def check_stats(stats, n):
+    """Preprocessing statistics ({mean, std}, or a dict of them) fitted on n rows: n >= 2, every value finite, and
+    not every feature of a group constant (identical showers: nothing to learn). Returns stats."""
+    if n < 2:
+        raise DataError(f"preprocessing statistics need at least 2 showers, got {n}")
+    groups = [stats] if "std" in stats else list(stats.values())
+    if _nonfinite(groups):
+        raise DataError(f"the preprocessing statistics of {n} showers are not finite")
+    if any((g["std"] <= 1e-6).all() for g in groups):
+        raise DataError(f"the {n} training showers are all alike (every feature is constant): nothing to learn")
+    return stats
 
 
 def standardize(x, stats):
@@ -475,7 +678,8 @@ def fit_shape_stats(e_inc, showers, ds, idx=None, chunk=None):
         u.append(energies_to_u(torch.as_tensor(e_inc[idx[i:i + chunk]]), layer_energies(x, ds)))
     mean = s1 / len(idx)
     std = (s2 / len(idx) - mean ** 2).clamp(min=0).sqrt().clamp(min=1e-6)
-    return {"vox": {"mean": mean.float(), "std": std.float()}, "cond": fit_standardizer(u_features(torch.cat(u)))}
+    return check_stats({"vox": {"mean": mean.float(), "std": std.float()},
+                        "cond": fit_standardizer(u_features(torch.cat(u)))}, len(idx))
 
 
 def showers_to_net(showers, ds, stats):
@@ -557,6 +761,8 @@ class ViT(nn.Module):
             raise ValueError(f"patch {cfg.patch} does not tile the grid {tuple(grid)}")
         if cfg.dim % 6:
             raise ValueError(f"embed dim {cfg.dim} must be divisible by 6 (sin/cos for 3 axes)")
+        if cfg.dim % cfg.heads:
+            raise ValueError(f"embed dim {cfg.dim} must be divisible by --heads {cfg.heads}")
         self.grid = [g // p for g, p in zip(grid, cfg.patch)]
         patch_dim = c * math.prod(cfg.patch)
         self.embed = nn.Linear(patch_dim, cfg.dim)
@@ -794,6 +1000,9 @@ class TrainingError(Exception):
     """A training run that cannot go on; the message names the checkpoint it leaves behind."""
 
 
+_LOCKS = {}  # run folders this process holds: lock file -> descriptor
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -828,22 +1037,28 @@ def autocast(device, precision="fp32"):
 
 
 POSITIVE = ("epochs", "batch_size", "steps", "n", "max_showers", "val_every", "ckpt_every", "stop_after", "dim",
-            "depth", "heads", "mlp", "channels", "pool", "n_val", "iters", "patience", "ref_steps", "micro_batch")
+            "depth", "heads", "mlp", "channels", "pool", "n_val", "iters", "patience", "ref_steps", "micro_batch",
+            "cls_epochs", "cls_width", "cls_batch_size", "cls_repeats")
 
 
 def check_args(args):
-    """One check of the numbers on a command line: counts >= 1, rates > 0, fractions in [0, 1)."""
+    """One check of the numbers on a command line: counts >= 1, rates > 0, fractions in [0, 1) (the warm-up in
+    (0, 1)), seeds >= 0, patches >= 1, a known device."""
     for k in POSITIVE:
         v = getattr(args, k, None)
         if v is not None and min(np.atleast_1d(v)) < 1:
             raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {v}")
-    for k in ("lr", "beta", "cut"):
+    for k in ("lr", "beta", "cut", "cls_lr", "ram_gb"):
         if getattr(args, k, None) is not None and not getattr(args, k) > 0:
-            raise ValueError(f"--{k} must be > 0, got {getattr(args, k)}")
+            raise ValueError(f"--{k.replace('_', '-')} must be > 0, got {getattr(args, k)}")
     for k in ("val_fraction", "weight_decay", "clip_grad"):
         if getattr(args, k, None) is not None and not 0 <= getattr(args, k) < (1 if k == "val_fraction" else math.inf):
             raise ValueError(f"--{k.replace('_', '-')} must be in [0, {1 if k == 'val_fraction' else 'inf'}), "
                              f"got {getattr(args, k)}")
+    if getattr(args, "warmup", None) is not None and not 0 < args.warmup < 1:
+        raise ValueError(f"--warmup must be in (0, 1), got {args.warmup}")
+    if getattr(args, "seed", None) is not None and args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
     if getattr(args, "patch", None) is not None and min(args.patch) < 1:
         raise ValueError(f"--patch must be >= 1 along each axis, got {args.patch}")
     pick_device(getattr(args, "device", None))
@@ -874,11 +1089,46 @@ def make_run_dir(script, ds, root="runs"):
                 break
             except FileExistsError:
                 continue
+            except OSError as err:
+                raise OutputError(f"cannot create a run folder under {root}: {err.strerror or err}") from None
         else:
-            raise RuntimeError(f"could not create a run folder under {root}")
+            raise OutputError(f"could not create a run folder under {root}")
+        lock_folder(path[0])
     if is_distributed():
         torch.distributed.broadcast_object_list(path)
     return path[0]
+
+
+def lock_folder(folder, what="training"):
+    """Hold folder/.lock for the rest of this process (an flock: the system drops it when the process ends, also by
+    kill -9), so that no second process works in a live run folder: a folder held by another process is refused.
+    Rank 0 only under torchrun; again in the same process, nothing happens (unlock_folder releases it)."""
+    key = Path(folder).resolve() / ".lock"
+    if fcntl is None or get_rank() > 0 or key in _LOCKS:
+        return
+    try:
+        fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise OutputError(f"cannot use {folder}: {err.strerror or err}") from None
+    for _ in range(10):  # a holder killed a moment ago may still be going
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            time.sleep(0.05)
+    else:
+        holder = os.pread(fd, 20, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise OutputError(f"{folder} is in use by a running {what} (pid {holder}); wait for it to end or stop it")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _LOCKS[key] = fd
+
+
+def unlock_folder(folder):
+    fd = _LOCKS.pop(Path(folder).resolve() / ".lock", None)
+    if fd is not None:
+        os.close(fd)
 
 
 class Log:
@@ -898,12 +1148,14 @@ class Log:
 
 
 def atomic_write(path, write):
-    """write(tmp) to a hidden name beside path, then rename: a killed run never leaves a truncated file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """write(tmp) to a hidden name beside path, then rename: a killed run never leaves a truncated file (the next
+    write of path removes a killed writer's temporary file), and a failed write (a full disk) is one OutputError."""
+    tmp = claim_output(path, overwrite=True)
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        raise OutputError(f"cannot write {path}: {err.strerror or err}") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -914,15 +1166,37 @@ def json_config(args):
     return {k: clean(v) for k, v in vars(args).items()}
 
 
+def _nonfinite(tree, name=""):
+    """Names of the floating tensors with NaN or inf in a nested dict / list."""
+    if isinstance(tree, dict):
+        return [b for k, v in tree.items() for b in _nonfinite(v, f"{name}.{k}" if name else str(k))]
+    if isinstance(tree, (list, tuple)):
+        return [b for i, v in enumerate(tree) for b in _nonfinite(v, f"{name}.{i}")]
+    return [name] if torch.is_tensor(tree) and tree.is_floating_point() and not torch.isfinite(tree).all() else []
+
+
+def _torch_save(state, tmp):
+    sink = _SinkFile(tmp)
+    try:
+        torch.save(state, sink)
+    finally:
+        sink.file.close()
+    if sink.error:  # a full disk: torch.save was told every write succeeded
+        raise sink.error
+
+
 def save_checkpoint(path, **state):
-    """torch.save under a temporary name, then rename. Refuses weights with NaN or inf: a run never replaces
-    its last good checkpoint with a broken one."""
-    weights = state.get("model", state.get("solver", {}))
-    bad = [k for k, v in weights.items() if torch.is_tensor(v) and not torch.isfinite(v).all()]
+    """torch.save under a temporary name, then rename. Refuses NaN or inf in the weights, the statistics or the
+    optimizer state: a run never replaces its last good checkpoint with a broken one (nor with a truncated one
+    when the disk is full)."""
+    bad = _nonfinite({k: state.get(k) for k in ("model", "solver", "stats", "optimizer")})
     if bad:
         raise TrainingError(f"the weights became non-finite ({len(bad)} tensors, e.g. {bad[0]}) at epoch "
                             f"{state.get('epoch')}; {checkpoint_note(Path(path).parent)}; try a lower --lr")
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    try:
+        atomic_write(path, lambda tmp: _torch_save(state, tmp))
+    except OutputError as err:  # a full disk: the old checkpoint stays as it was
+        raise OutputError(f"{err}; {checkpoint_note(Path(path).parent)}") from None
 
 
 def checkpoint_note(run_dir):
@@ -943,7 +1217,8 @@ def load_checkpoint(path, script=None, ds=None, map_location="cpu"):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated or foreign file
-        raise DataError(f"{path} is not a readable checkpoint ({str(err).splitlines()[0][:200]})") from None
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise DataError(f"{path} is not a readable checkpoint ({type(err).__name__}: {first})") from None
     if not isinstance(ckpt, dict) or "script" not in ckpt:
         raise DataError(f"{path} is not a checkpoint of these scripts")
     if script is not None and ckpt["script"] not in ((script,) if isinstance(script, str) else script):
@@ -972,6 +1247,7 @@ def resume(args, script):
     ckpt = load_checkpoint(path, script=script)
     given = {k: getattr(args, k) for k in RUNTIME_FLAGS if hasattr(args, k)}
     merged = {**vars(args), **ckpt["config"], **given}  # flags newer than the checkpoint keep their defaults
+    lock_folder(path if path.is_dir() else path.parent)  # no second trainer in a live run folder
     return argparse.Namespace(**merged), ckpt, (path if path.is_dir() else path.parent)
 
 
@@ -1013,6 +1289,16 @@ def optimizer_step(model, loss, opt, counts, run_dir, clip=0.0, patience=20):
         raise TrainingError(f"{patience} non-finite losses or gradients in a row; {checkpoint_note(run_dir)}; "
                             f"try a lower --lr")
     return False
+
+
+def finish_run(log, run_dir, history, last, epochs):
+    """The end of a training run: its run folder is released, and a run whose last epoch made no update at all
+    (every loss or gradient non-finite) ends with a TrainingError naming its last checkpoint."""
+    unlock_folder(run_dir)
+    if history["train_loss"] and not math.isfinite(history["train_loss"][-1]):
+        raise TrainingError(f"epoch {last} made no update (every loss or gradient was non-finite); "
+                            f"{checkpoint_note(run_dir)}; try a lower --lr")
+    log(f"done: {Path(run_dir) / 'ckpt.pt'} (epoch {last} of {epochs})")
 
 
 def wrap_model(model, device, world, compile=False):

@@ -198,8 +198,7 @@ def sample(args):
     else:
         e_inc = common.sample_e_inc(args.n or 100000, torch.Generator().manual_seed(args.seed))
     output = Path(args.output or run_dir / f"cond_ds{args.ds}_{len(e_inc)}.hdf5")
-    if output.exists() and not args.overwrite:
-        raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
+    common.claim_output(output, args.overwrite)  # before the work: exists, a second writer, a folder that takes it
     print(f"sampling u's for {len(e_inc)} events on {device} with {path} (epoch {ckpt['epoch']}): {args.solver}, "
           f"{args.steps} steps ({args.steps * common.NFE_PER_STEP[args.solver]} NFE per layer)")
     start = time.time()
@@ -296,7 +295,7 @@ def train(args):
                                    model_args=model_args, model=model.state_dict(), optimizer=opt.state_dict(),
                                    scheduler=sched.state_dict(), epoch=epoch + 1, step=step, stats=stats,
                                    history=history, nonfinite=counts["nonfinite"])
-    log(f"done: {run_dir / 'ckpt.pt'} (epoch {last} of {args.epochs})")
+    common.finish_run(log, run_dir, history, last, args.epochs)
     return run_dir
 
 
@@ -311,5 +310,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (common.DataError, common.TrainingError, FileExistsError, ValueError) as err:
+    except (common.DataError, common.TrainingError, OSError, ValueError) as err:
         sys.exit(f"error: {err}")

@@ -510,22 +510,12 @@ def plot_histograms(out, hists):
 
 
 # ----------------------------------------------------------------------------- output folder, checks
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's
-        pass
-    return True
-
-
 def claim_out(out):
     """Create the hidden work folder .<out>.<pid>.tmp beside out, after removing those of dead runs (pid gone)."""
     prefix = f".{out.name}."
     for old in out.parent.glob(f"{prefix}*") if out.parent.is_dir() else ():
         pid = old.name[len(prefix):].split(".")[0]
-        if old.is_dir() and pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+        if old.is_dir() and pid.isdigit() and (int(pid) == os.getpid() or not common.pid_alive(int(pid))):
             shutil.rmtree(old, ignore_errors=True)
     (work := out.parent / f"{prefix}{os.getpid()}.tmp").mkdir(parents=True)
     return work
@@ -712,6 +702,8 @@ def evaluate(gen_path, ref_path, ds, modes=("all",), out_dir="eval", seed=0, cls
                        fpd_kw=fpd_kw, cls_repeats=cls_repeats, cls=dict(cls, device=device, progress=progress)))
         text = json.dumps(_clean(summary), indent=1)
         common.atomic_write(work / "summary.json", lambda tmp: tmp.write_text(text))
+        if out.exists() and not overwrite:  # made meanwhile by another run
+            raise FileExistsError(f"{out} was written by another run meanwhile; pass --overwrite to replace it")
         publish(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # after an error: nothing half-written is left
@@ -741,7 +733,7 @@ def main(argv=None):
     p.add_argument("--ram-gb", type=float, default=12.0, help="above this, classifier/PRDC rows go to disk")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+    args = common.check_args(p.parse_args(argv))
     common.geometry(args.ds)  # ValueError for a wrong --ds
     refs = args.reference or common.data_files(args.ds, args.data_dir, toy=args.toy, split="ref")
     out = Path(args.out or Path("eval") / f"{Path(args.input).stem}-ds{args.ds}")
@@ -764,5 +756,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (common.DataError, FileExistsError, ValueError) as err:
+    except (common.DataError, OSError, ValueError) as err:
         sys.exit(f"error: {err}")

@@ -106,7 +106,7 @@ def fit_latent_stats(mu, logvar, idx, chunk=2000):
         s1, s2, sv = s1 + m.sum(0), s2 + (m * m).sum(0), sv + lv.exp().sum(0)
     mean = s1 / len(idx)
     var = (s2 / len(idx) - mean ** 2).clamp(min=0) + sv / len(idx)
-    return {"mean": mean.float(), "std": var.sqrt().clamp(min=1e-6).float()}
+    return common.check_stats({"mean": mean.float(), "std": var.sqrt().clamp(min=1e-6).float()}, len(idx))
 
 
 def fetch(data, rows, device):
@@ -151,14 +151,14 @@ def train(args):
         "cond": common.fit_standardizer(common.u_features(torch.from_numpy(data["u"][train_idx]))),
         "latent": fit_latent_stats(data["mu"], data["logvar"], train_idx)}
     stats_dev = common.to_device(stats, device)
-    run_dir = run_dir or common.make_run_dir(SCRIPT, args.ds, args.out)
-    log = common.Log(run_dir)  # silent on ranks > 0
 
     common.seed_everything(args.seed)
     model_args = ckpt["model_args"] if ckpt else dataclasses.asdict(common.ViTConfig(
         in_shape=data["mu"].shape[1:], patch=args.patch, dim=args.dim, heads=args.heads, mlp=args.mlp,
         depth=args.depth))
     model = common.ViT(common.ViTConfig(**model_args)).to(device)
+    run_dir = run_dir or common.make_run_dir(SCRIPT, args.ds, args.out)  # once the network is built
+    log = common.Log(run_dir)  # silent on ranks > 0
     steps_per_epoch = len(train_idx) // args.batch_size
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs * steps_per_epoch)
@@ -200,7 +200,7 @@ def train(args):
                                    model_args=model_args, model=model.state_dict(), optimizer=opt.state_dict(),
                                    scheduler=sched.state_dict(), epoch=epoch + 1, step=step, stats=stats,
                                    history=history, nonfinite=counts["nonfinite"], **vae)
-    log(f"done: {run_dir / 'ckpt.pt'} (epoch {last} of {args.epochs})")
+    common.finish_run(log, run_dir, history, last, args.epochs)
     return run_dir
 
 
@@ -259,5 +259,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (common.DataError, common.TrainingError, FileExistsError, ValueError) as err:
+    except (common.DataError, common.TrainingError, OSError, ValueError) as err:
         sys.exit(f"error: {err}")

@@ -143,14 +143,14 @@ def train(args):
     else:
         stats = ckpt["stats"]
     stats_dev = common.to_device(stats, device)
-    run_dir = run_dir or common.make_run_dir(SCRIPT, args.ds, args.out)
-    log = common.Log(run_dir)  # silent on ranks > 0
 
     common.seed_everything(args.seed)
     g = common.geometry(args.ds)
     model_args = ckpt["model_args"] if ckpt else dataclasses.asdict(common.ViTConfig(
         in_shape=(1, *g.shape), patch=args.patch, dim=args.dim, heads=args.heads, mlp=args.mlp, depth=args.depth))
     model = common.ViT(common.ViTConfig(**model_args)).to(device)
+    run_dir = run_dir or common.make_run_dir(SCRIPT, args.ds, args.out)  # once the network is built
+    log = common.Log(run_dir)  # silent on ranks > 0
     model.grad_checkpoint = args.grad_checkpoint
     steps_per_epoch = len(train_idx) // args.batch_size
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -194,7 +194,7 @@ def train(args):
                                    model_args=model_args, model=model.state_dict(), optimizer=opt.state_dict(),
                                    scheduler=sched.state_dict(), epoch=epoch + 1, step=step, stats=stats,
                                    history=history, nonfinite=counts["nonfinite"])
-    log(f"done: {run_dir / 'ckpt.pt'} (epoch {last} of {args.epochs})")
+    common.finish_run(log, run_dir, history, last, args.epochs)
     return run_dir
 
 
@@ -256,5 +256,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (common.DataError, common.TrainingError, FileExistsError, ValueError) as err:
+    except (common.DataError, common.TrainingError, OSError, ValueError) as err:
         sys.exit(f"error: {err}")

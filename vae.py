@@ -326,7 +326,7 @@ def train(args):
                                    model_args=model_args, model=vae.state_dict(), optimizer=opt.state_dict(),
                                    scheduler=sched.state_dict(), epoch=epoch + 1, step=step, stats=stats,
                                    history=history, nonfinite=counts["nonfinite"], cut=cut, cut_info=cut_info)
-    log(f"done: {run_dir / 'ckpt.pt'} (epoch {last} of {args.epochs})")
+    common.finish_run(log, run_dir, history, last, args.epochs)
     return run_dir
 
 
@@ -368,6 +368,9 @@ def decode(args):
     if attrs.get("vae_step") is not None and attrs["vae_step"] != ckpt["step"]:
         raise common.DataError(f"{args.decode} was made with the VAE {attrs.get('vae_ckpt')} at step "
                                f"{attrs['vae_step']}, but {path} is at step {ckpt['step']}")
+    if data[latent_key].shape[1:] != vae.latent_shape:
+        raise common.DataError(f"{args.decode} holds latents of shape {data[latent_key].shape[1:]}, but the VAE "
+                               f"{path} decodes {vae.latent_shape}")
     cut = args.cut if args.cut is not None else (ckpt.get("cut") or DEFAULT_CUT)
     latents = Path(args.decode)
     output = Path(args.output or latents.with_name(latents.name.replace("latents", "gen") if "latents" in latents.name
@@ -420,5 +423,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (common.DataError, common.TrainingError, FileExistsError, ValueError) as err:
+    except (common.DataError, common.TrainingError, OSError, ValueError) as err:
         sys.exit(f"error: {err}")

@@ -117,6 +117,7 @@ def test_shape_round_trip_keeps_voxels_down_to_the_cut():
     """Fractions above 1e-7 of their layer survive forward and inverse (a 5e-6 cut would zero every voxel below
     500 keV of a 100 GeV layer); fractions at or below 1e-7 are exactly 0 on the way back."""
     e_inc, x = _showers(40)
+    e_inc = np.full(40, 1e6)  # E_tot ~ 200 GeV below: u_0 <= 1 (finite statistics) needs E_inc >= 0.57 TeV
     x = torch.as_tensor(np.where(x > C.MIN_ENERGY * 10, x, 0.0) * 50)  # well above the threshold
     x[:, 20 * 144:21 * 144] *= 1e5 / x[:, 20 * 144:21 * 144].sum(1, keepdim=True)  # a 100 GeV layer
     layer = x[:, 20 * 144:21 * 144]

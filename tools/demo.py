@@ -13,8 +13,11 @@ checkpoint; `--fresh` starts over). On a CPU the energy and shape networks train
 OMP_NUM_THREADS=1 (one core each); every other stage runs alone with all cores.
 """
 import argparse
+import contextlib
+import ctypes
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -22,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # the stage scripts
 sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
 
 # Reduced settings for the synthetic showers on a CPU; --real uses each script's paper defaults instead.
 TOY = {
@@ -77,6 +81,7 @@ class Chain:
         self.args, self.ds = args, args.ds
         self.dir = Path(args.out or f"demo/ds{args.ds}-{'real' if args.real else 'smoke' if args.smoke else 'toy'}")
         self.dir.mkdir(parents=True, exist_ok=True)
+        common.lock_folder(self.dir, "demo.py")  # one demo per folder
         self.state_path = self.dir / "state.json"
         fresh = args.fresh or not self.state_path.exists()
         # Stages side by side on a CPU get one OpenMP thread each (two threads per stage on 2 cores ran 5-10x slower)
@@ -106,13 +111,16 @@ class Chain:
                 print(f"[demo] {name}: done before ({done['product']}), skipped")
                 products[name] = Path(done["product"])
                 continue
+            if resume:
+                self.refuse_live(resume)
             old = sorted((self.dir / "runs").glob(f"{resume}-ds{self.ds}-*/ckpt.pt")) if resume else []
             if old:
                 cmd = [resume + ".py", "--resume", old[-1].parent, "--no-progress"] + (
                     ["--device", self.args.device] if self.args.device else [])
             cmd = [sys.executable, str(ROOT / cmd[0])] + [str(c) for c in cmd[1:]]
             print(f"[demo] {name}: {' '.join(cmd[1:])}", flush=True)
-            procs.append((name, cmd, product, time.time(), subprocess.Popen(cmd, env=env)))
+            procs.append((name, cmd, product, time.time(),
+                          subprocess.Popen(cmd, env=env, preexec_fn=die_with(os.getpid()))))
         group = stages[0][0]  # stages run side by side count once (the longest) in the total
         for name, cmd, product, start, proc in procs:
             _, status, use = os.wait4(proc.pid, 0)
@@ -128,6 +136,16 @@ class Chain:
             self.state_path.write_text(json.dumps(self.state, indent=1))
         return [products[name] for name, *_ in stages]
 
+    def refuse_live(self, script):
+        """No second trainer: a run folder of `script` still held by a live training (one that outlived a killed
+        demo.py where stages cannot die with it) stops the demo."""
+        for run in (self.dir / "runs").glob(f"{script}-ds{self.ds}-*"):
+            try:
+                common.lock_folder(run)  # free: taken and given back at once
+            except common.OutputError as err:
+                sys.exit(f"error: {err}, then run demo.py again")
+            common.unlock_folder(run)
+
     def newest_run(self, script):
         runs = sorted((self.dir / "runs").glob(f"{script}-ds{self.ds}-*/ckpt.pt"), key=lambda p: p.stat().st_mtime)
         if not runs:
@@ -135,11 +153,21 @@ class Chain:
         return runs[-1].parent
 
 
+def die_with(parent):
+    """preexec_fn of a stage: it gets SIGKILL when demo.py dies, also by kill -9 (Linux), so that no stage outlives
+    the demo and a rerun never finds a second trainer at work."""
+    def child():
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # demo.py died before that
+            os._exit(1)
+    return child
+
+
 def main(argv=None):
     args = parse_args(argv)
     ds = args.ds
     if args.real:  # before anything is created
-        import common
         ref = common.data_files(ds, args.data_dir or "data", split="ref")
         for f in ref:
             if not f.exists():
@@ -266,4 +294,7 @@ def write_report(chain, evals):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except common.DataError as err:  # e.g. the demo folder in use by another demo.py
+        sys.exit(f"error: {err}")
