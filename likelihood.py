@@ -435,7 +435,7 @@ def plot_calibration(path, table):
     for key, label, style in (("ml", "max. likelihood", "o-"), ("baseline", "E_tot / <response>", "s--")):
         ax1.plot(e, [row[key]["median_bias"] for row in table], style, label=label)
         ax2.plot(e, [row[key]["resolution_68"] for row in table], style, label=label)
-    ax2.plot(e, [row["e_tot_resolution"] for row in table], "k:", label="toy: std(E_tot) / <E_tot>")
+    ax2.plot(e, [row["e_tot_resolution"] for row in table], "k^:", label="data: std(E_tot) / <E_tot>")
     ax1.axhline(0, color="0.5", lw=0.6)
     ax1.set_ylabel("median E_hat / E_true - 1")
     ax2.set_ylabel("resolution (q84 - q16) / 2 / median")
@@ -523,9 +523,11 @@ def main(argv=None):
                 "ms_per_evaluation": 1e3 * seconds / rows, "evaluations_per_shower": rows / n,
                 **{f"mean_{k}": float(np.mean(cols[k])) for k in ("log_p", "log_p_energy", "log_p_shape",
                                                                    "vit_stderr", "n_zero", "n_atoms")}}
+        error = f"Hutchinson error {info['mean_vit_stderr']:.2f}" if args.probes > 1 and args.divergence != "exact" \
+            else "no error estimate" if args.divergence != "exact" else "exact divergence"
         print(f"{path}: {n} showers, mean log p {info['mean_log_p']:.1f} (energy {info['mean_log_p_energy']:.1f}, "
-              f"shape {info['mean_log_p_shape']:.1f}, Hutchinson error {info['mean_vit_stderr']:.2f}); "
-              f"{info['ms_per_shower']:.0f} ms per shower ({info['evaluations_per_shower']:.0f} evaluations)")
+              f"shape {info['mean_log_p_shape']:.1f}; {error}); {info['ms_per_shower']:.0f} ms per shower "
+              f"({info['evaluations_per_shower']:.0f} evaluations)")
         if calibrate:
             default = [str(f) for f in energy_ckpt["config"].get("files") or [] if Path(f).is_file()]
             source = [args.response_file] if args.response_file else default or [args.input]
