@@ -7,6 +7,7 @@ showers) and arXiv:2404.18992 (maximum likelihood of a conditional generative mo
 
     python likelihood.py -i data/toy_ds2_ref.hdf5 --n 1000          # -> data/toy_ds2_ref.lik.hdf5 (+ .json)
     python likelihood.py -i calib.hdf5 --calibrate                    # + E_hat = argmax_E log p(shower | E)
+    python likelihood.py -i calib.hdf5 --calibrate --calibrate-on energy  # argmax_E log p(E_0..E_44 | E): no ViT
     python likelihood.py -i singles.hdf5 --anomalous overlays.hdf5    # + ROC AUC of -log p, singles vs overlays
     python likelihood.py -i FILE --energy-ckpt RUN --shape-ckpt RUN --probes 4 --steps 8 --zeros dequantised
 Defaults: the newest energy and shape_vit runs of --ds under --out (it says which it took); RK4 (3/8 rule) with
@@ -87,6 +88,9 @@ def parse_args(argv=None):
     p.add_argument("--zeros", default="mass", choices=("mass", "density", "dequantised"),
                    help="treatment of the exact zeros (see the docstring)")
     p.add_argument("--calibrate", action="store_true", help="E_hat = argmax over E_inc of log p(shower | E_inc)")
+    p.add_argument("--calibrate-on", default="shower", choices=("shower", "energy"),
+                   help="calibration: maximise log p(shower | E_inc), or only its energy part log p(E_0..E_44 | E_inc) "
+                   "(the shape terms then never run: much cheaper)")
     p.add_argument("--grid", type=int, default=9, help="calibration: grid points in ln E over [1 GeV, 1 TeV]")
     p.add_argument("--iters", type=int, default=14, help="calibration: golden-section steps after the grid")
     p.add_argument("--response-file", help="calibration baseline E_tot / <E_tot/E_inc>: the mean response of this "
@@ -332,6 +336,25 @@ def rows_evaluator(models, showers, index, cfg, device, counter):
     return evaluate
 
 
+def energy_evaluator(models, showers, cfg, device, counter):
+    """evaluate(e_inc (n, k)) -> {"log_p": log p(E_0..E_44 | E_inc) (n, k)}: the energy part alone (the shape terms
+    are skipped, so the calibration sees only the layer energies)."""
+    layer_e = common.layer_energies(showers.double(), cfg.ds)
+    key = "energy_density" if cfg.zeros == "density" else "energy_mass"
+
+    def evaluate(e_inc):
+        n, k = e_inc.shape
+        e_rows, out = e_inc.reshape(-1), []
+        for s in range(0, n * k, cfg.batch_size):
+            rows = torch.arange(s, min(s + cfg.batch_size, n * k)) // k
+            res = energy_terms(models[0], models[1], e_rows[s:s + cfg.batch_size].to(device), layer_e[rows].to(device),
+                               cfg.energy_steps, cfg.solver)
+            out.append(res[key].cpu())
+            counter["energy_rows"] = counter.get("energy_rows", 0) + len(rows)
+        return {"log_p": torch.cat(out).reshape(n, k)}
+    return evaluate
+
+
 def score_file(models, path, cfg, device, calibrate=False, progress=True):
     """Every per-shower column of a file: the terms of log p(shower | E_inc) at its own E_inc, E_tot, and with
     calibrate E_hat and log p(shower | E_hat). Returns (dict of numpy columns, seconds, rows evaluated)."""
@@ -344,6 +367,8 @@ def score_file(models, path, cfg, device, calibrate=False, progress=True):
         res = {k: v[:, 0] for k, v in evaluate(e[:, None]).items()}
         res["e_tot"] = x.sum(1)
         if calibrate:
+            if cfg.calibrate_on == "energy":
+                evaluate = energy_evaluator(models, x, cfg, device, counter)
             ln_e, best = golden_section(lambda ln_e: evaluate(ln_e.exp())["log_p"], len(e), cfg.grid, cfg.iters)
             res["e_hat"], res["log_p_max"] = ln_e.exp(), best
         res["incident_energies"] = e
@@ -428,11 +453,11 @@ def save_figure(fig, path):
     _pyplot().close(fig)
 
 
-def plot_calibration(path, table):
+def plot_calibration(path, table, label="max. likelihood"):
     plt = _pyplot()
     e = [row["e_true_gev"] for row in table]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=80)
-    for key, label, style in (("ml", "max. likelihood", "o-"), ("baseline", "E_tot / <response>", "s--")):
+    for key, label, style in (("ml", label, "o-"), ("baseline", "E_tot / <response>", "s--")):
         ax1.plot(e, [row[key]["median_bias"] for row in table], style, label=label)
         ax2.plot(e, [row[key]["resolution_68"] for row in table], style, label=label)
     ax2.plot(e, [row["e_tot_resolution"] for row in table], "k^:", label="data: std(E_tot) / <E_tot>")
@@ -533,7 +558,7 @@ def main(argv=None):
             source = [args.response_file] if args.response_file else default or [args.input]
             response = mean_response(source, args.ds)
             table = calibration_table(cols["incident_energies"], cols["e_hat"], cols["e_tot"], response)
-            info["calibration"] = {"response": response, "response_files": source, "table": table}
+            info["calibration"] = {"on": args.calibrate_on, "response": response, "response_files": source, "table": table}
             for row in table:
                 print(f"  E {row['e_true_gev']:8.2f} GeV: ML bias {row['ml']['median_bias']:+.4f} resolution "
                       f"{row['ml']['resolution_68']:.4f} | E_tot/<R> bias {row['baseline']['median_bias']:+.4f} "
@@ -545,11 +570,13 @@ def main(argv=None):
         summary["anomaly_auc"] = aucs
         print("anomaly ROC AUC (anomalous = positive): " + ", ".join(f"{k} {v:.3f}" for k, v in aucs.items()))
     attrs = {"format": "calodream-likelihood", "ds": args.ds, "energy_ckpt": str(ckpts[0]),
-             "shape_ckpt": str(ckpts[1]), "zeros": args.zeros, "divergence": args.divergence, "probes": args.probes}
+             "shape_ckpt": str(ckpts[1]), "zeros": args.zeros, "divergence": args.divergence, "probes": args.probes,
+             **({"calibrate_on": args.calibrate_on} if args.calibrate else {})}
     for out, (path, cols) in zip(files, zip([args.input, args.anomalous], results)):
         write_scores(out, cols, {**attrs, "source": str(path)}, args.overwrite)
     if not args.no_plots and args.calibrate:
-        plot_calibration(extra[1], summary["files"][str(args.input)]["calibration"]["table"])
+        plot_calibration(extra[1], summary["files"][str(args.input)]["calibration"]["table"],
+                         f"max. likelihood ({args.calibrate_on})")
     if not args.no_plots and args.anomalous:
         plot_roc(extra[-1], *results, aucs, scores)
     common.atomic_write(extra[0], lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1) + "\n"))

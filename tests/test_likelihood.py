@@ -184,13 +184,13 @@ def test_roc_auc_known_answers():
 def test_cli_scores_calibrates_and_compares_on_the_chain(chain, toy_ds2, tmp_path):
     ref, train = toy_ds2 / "toy_ds2_ref.hdf5", toy_ds2 / "toy_ds2_train.hdf5"
     out = tmp_path / "ref.lik.hdf5"
-    base = ["likelihood.py", "-i", ref, "--n", "5", "--energy-ckpt", chain["energy"], "--shape-ckpt",
+    base = ["likelihood.py", "-i", ref, "--n", "3", "--energy-ckpt", chain["energy"], "--shape-ckpt",
             chain["shape_vit"], "--steps", "1", "--energy-steps", "1", "--output", out, *QUIET]
-    res = cli(*base, "--calibrate", "--grid", "3", "--iters", "2", "--anomalous", train, "--probes", "2")
+    res = cli(*base, "--calibrate", "--grid", "2", "--iters", "1", "--anomalous", train, "--probes", "2")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "anomaly ROC AUC" in res.stdout and "ML bias" in res.stdout
     with h5py.File(out) as f, h5py.File(tmp_path / "toy_ds2_train.lik.hdf5") as g:
-        assert f["log_p"].shape == (5,) and f["e_hat"].shape == (5,) and g["log_p"].shape == (5,)
+        assert f["log_p"].shape == (3,) and f["e_hat"].shape == (3,) and g["log_p"].shape == (3,)
         assert f.attrs["format"] == "calodream-likelihood" and "e_hat" not in g
         parts = f["log_p_energy"][:] + f["log_p_shape"][:] + f["voxel_jacobian"][:]
         assert np.allclose(parts, f["log_p"][:]) and (f["e_hat"][:] >= 1e3).all() and (f["e_hat"][:] <= 1e6).all()
@@ -200,6 +200,11 @@ def test_cli_scores_calibrates_and_compares_on_the_chain(chain, toy_ds2, tmp_pat
     assert summary["files"][str(ref)]["calibration"]["table"][0]["n"] >= 1
     assert (tmp_path / "ref.lik_calibration.png").stat().st_size > 0 and (tmp_path / "ref.lik_roc.png").is_file()
     assert_one_error_line(cli(*base), "exists", "--overwrite")
+    L.main([str(a) for a in base[1:]] + ["--overwrite", "--calibrate", "--calibrate-on", "energy", "--no-plots"])
+    info = json.loads((tmp_path / "ref.lik.hdf5.json").read_text())["files"][str(ref)]
+    assert info["calibration"]["on"] == "energy" and info["evaluations_per_shower"] == 1  # the ViT ran once each
+    with h5py.File(out) as f:
+        assert f.attrs["calibrate_on"] == "energy" and ((f["e_hat"][:] >= 1e3) & (f["e_hat"][:] <= 1e6)).all()
     with pytest.raises(common.DataError, match="missing.hdf5 not found"):
         L.main([str(a) for a in base[1:]] + ["--overwrite", "-i", str(tmp_path / "missing.hdf5")])
     with pytest.raises(ValueError, match="--probes must be >= 1"):
