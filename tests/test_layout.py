@@ -9,7 +9,7 @@ import h5py
 
 from conftest import ENV, QUIET, ROOT, TINY_VIT
 
-STAGES = ("energy", "shape_vit", "vae", "latent_vit", "bespoke", "evaluate")
+STAGES = ("energy", "shape_vit", "vae", "latent_vit", "bespoke", "evaluate", "likelihood")
 LIBRARIES = {"torch", "numpy", "h5py", "einops", "tqdm", "matplotlib"}
 
 
@@ -62,6 +62,8 @@ def test_each_stage_runs_alone_with_common(toy_ds2, chain, tmp_path):
             shutil.copy(toy_ds2 / name, folders[stage])
     shutil.copy(chain["latents"], folders["latent_vit"] / "latents.hdf5")
     shutil.copytree(chain["shape_vit"], folders["bespoke"] / "shape_run")
+    shutil.copytree(chain["shape_vit"], folders["likelihood"] / "shape_run")
+    shutil.copytree(chain["energy"], folders["likelihood"] / "energy_run")
     helps = run_all([(s, folders[s], [f"{s}.py", "--help"]) for s in STAGES])
     for stage, (rc, out, err) in helps.items():
         assert rc == 0 and "usage:" in out and stage + ".py" in out, (stage, err[-2000:])
@@ -86,6 +88,9 @@ def test_each_stage_runs_alone_with_common(toy_ds2, chain, tmp_path):
                      "--val-every", "1", *run]],
         "evaluate": [["evaluate.py", "-i", train, "-r", ref, "--ds", "2", "-m", "hist", "--no-plots",
                       "--max-showers", "100", "--out", "eval", "--no-progress"]],
+        "likelihood": [["likelihood.py", "-i", ref, "--n", "4", "--steps", "1", "--energy-steps", "1", "--energy-ckpt",
+                        "energy_run", "--shape-ckpt", "shape_run", "--output", "lik.hdf5", "--no-plots",
+                        "--no-progress"]],
     }
     for k in range(max(map(len, steps.values()))):
         results = run_all([(s, folders[s], argv[k]) for s, argv in steps.items() if k < len(argv)])
@@ -100,10 +105,11 @@ def test_each_stage_runs_alone_with_common(toy_ds2, chain, tmp_path):
         assert f["z"].shape == (6, 2, 15, 9, 9) and f.attrs["format"] == "calodream-latents"
     assert list((folders["bespoke"] / "runs").glob("bespoke-ds2-*/ckpt.pt"))
     assert (folders["evaluate"] / "eval" / "summary.json").is_file()
+    assert (folders["likelihood"] / "lik.hdf5").is_file()
 
 
 def test_the_top_level_holds_the_stages():
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
     top = {p.split("/")[0] for p in tracked if not p.startswith(".")}
-    assert top <= {f"{s}.py" for s in STAGES} | {"common.py", "likelihood.py", "README.md", "requirements.txt",
+    assert top <= {f"{s}.py" for s in STAGES} | {"common.py", "README.md", "requirements.txt",
                                                   "tests", "tools", "data", "docs"}, top
