@@ -226,8 +226,8 @@ def load_points(folder):
             if "scores" in json.loads(p.read_text())]
 
 
-def plot(path, curves):
-    """curves: [(label, points)]. Panels: shape separation powers, AUCs, FPD, training loss, against steps."""
+def plot(path, curves, cls=""):
+    """curves: [(label, points)]; cls: the classifier size in the AUC title. Panels: shape separation powers, AUCs, FPD, training loss, against steps."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -259,7 +259,7 @@ def plot(path, curves):
                              color=f"C{i}", label=f"{label}: {p['net']} x{p['mult']}")
     axes[0].axhline(0.05, color="k", lw=0.8, gid="level")  # the demo's goal
     axes[0].set(title="shape ViT: separation power (mean over layers)", ylabel="separation power", yscale="log")
-    axes[1].set(title="classifier AUC (official size)", ylabel="AUC")
+    axes[1].set(title=f"classifier AUC {cls}".strip(), ylabel="AUC")
     axes[2].set(title="shape ViT: FPD x1e3", ylabel="FPD x1e3", yscale="log")
     axes[3].set(title="training loss per epoch", ylabel="CFM loss", yscale="log")
     for ax in axes:
@@ -285,7 +285,7 @@ def write_outputs(args, points):
     curves = [(args.label or out.name, points)] + [
         (json.loads((Path(c) / "curves.json").read_text()).get("label", Path(c).name), load_points(c))
         for c in args.compare]
-    plot(out / "curves.png", curves)
+    plot(out / "curves.png", curves, f"(width {args.cls_width}, {args.cls_epochs} epochs)")
     print("\n".join(table(points)) + f"\nwrote {out / 'curves.md'}, curves.json, curves.png")
 
 
