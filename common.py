@@ -849,12 +849,24 @@ def count_parameters(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def cfm_loss(model, x1, cond, generator=None):
-    """Conditional flow matching (paper Eq. 6): x_t = (1-t) x0 + t x1, target velocity x1 - x0, plain MSE."""
+def cfm_loss(model, x1, cond, generator=None, weight=None):
+    """Conditional flow matching (paper Eq. 6): x_t = (1-t) x0 + t x1, target velocity x1 - x0, plain MSE; with
+    `weight` (broadcast to one row of x1) the weighted mean over the weighted elements."""
     x0 = torch.randn(x1.shape, generator=generator, device=x1.device)
     t = torch.rand(x1.shape[0], generator=generator, device=x1.device)
     tb = t.reshape(-1, *[1] * (x1.dim() - 1))
-    return F.mse_loss(model((1 - tb) * x0 + tb * x1, t, cond).float(), x1 - x0)
+    err = (model((1 - tb) * x0 + tb * x1, t, cond).float() - (x1 - x0)) ** 2
+    if weight is None:
+        return err.mean()
+    weight = weight.to(err.device).expand_as(err[0])
+    return (err * weight).sum() / (weight.sum() * len(x1))
+
+
+def seen_voxels(stats):
+    """1 where a voxel varied in the training split, 0 where it never did (its std sits at fit_shape_stats' 1e-6
+    floor): a validation shower that hits such a voxel has a standardised value of ~1e7 there, so validation
+    losses leave those voxels out (training and sampling are unaffected: there z = 0 maps back to no energy)."""
+    return (stats["vox"]["std"] > 1.5e-6).float().unsqueeze(0)
 
 
 def build_vit(ckpt, device="cpu"):

@@ -107,22 +107,23 @@ def fetch(showers, e_inc, rows, device):
                                                                                        device)
 
 
-def batch_loss(model, showers, e_inc, stats, ds, generator, precision="fp32"):
+def batch_loss(model, showers, e_inc, stats, ds, generator, precision="fp32", weight=None):
     """CFM loss of one batch of physical showers: preprocessing on the device, then fresh t and x0."""
     x1 = common.showers_to_net(showers, ds, stats)
     u = common.energies_to_u(e_inc, common.layer_energies(showers, ds))
     cond = common.shape_condition(e_inc, u, stats["cond"])
     with common.autocast(showers.device, precision):
-        return common.cfm_loss(model, x1, cond, generator)
+        return common.cfm_loss(model, x1, cond, generator, weight)
 
 
 @torch.no_grad()
 def validation_loss(model, showers, e_inc, idx, stats, args, device):
     model.eval()
     gen, total = torch.Generator(device).manual_seed(args.seed + 999_983), 0.0  # the same draws every time
+    seen = common.seen_voxels(stats)  # voxels never hit in training are left out (common.seen_voxels)
     for s in range(0, len(idx), 4 * args.batch_size):
         x, e = fetch(showers, e_inc, idx[s:s + 4 * args.batch_size], device)
-        total += batch_loss(model, x, e, stats, args.ds, gen, args.precision).item() * len(x)
+        total += batch_loss(model, x, e, stats, args.ds, gen, args.precision, seen).item() * len(x)
     model.train()
     return total / max(1, len(idx))
 

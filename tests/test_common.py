@@ -380,3 +380,20 @@ def test_precision_switch():
     with C.autocast("cpu", "fp32"):
         assert model.embed(model.embed.weight.new_ones(1, 6)).dtype == torch.float32
     assert model.velocity(c, "bf16")(x, 0.5).dtype == torch.float32  # the solvers always get float32
+
+
+def test_validation_loss_leaves_out_voxels_never_hit_in_training():
+    """A voxel with no variance in the training split (std at the 1e-6 floor) is left out of the weighted loss, which
+    is then the plain MSE over the other voxels."""
+    std = torch.ones(45, 16, 9)
+    std[3, 2, 1] = 1e-6
+    weight = C.seen_voxels({"vox": {"std": std.float()}})
+    assert weight.shape == (1, 45, 16, 9) and weight.sum() == 45 * 16 * 9 - 1
+    x1 = torch.randn(4, 1, 45, 16, 9)
+    x1[1, 0, 3, 2, 1] = 1e7  # a validation shower hits it
+    model = lambda x, t, c: torch.zeros_like(x)
+    gen = lambda: torch.Generator().manual_seed(0)
+    full, masked = C.cfm_loss(model, x1, None, gen()), C.cfm_loss(model, x1, None, gen(), weight)
+    x0 = torch.randn(x1.shape, generator=gen())
+    keep = weight.expand_as(x1[0]).bool().expand_as(x1)
+    assert full > 1e7 and torch.isclose(masked, ((x1 - x0)[keep] ** 2).mean())
