@@ -10,7 +10,7 @@ Parts (each one a 2x2 grid: train {fp32, bf16} x sample {fp32, bf16}, per seed):
   shape    shape_vit.py trained with --shape-flags (the demo's small ViT, 10 epochs), then --sample with the true
            E_inc and u's of --ref at both precisions from the same x0, scored by evaluate.py (--shape-eval-flags)
   energy   energy.py trained with --energy-flags (the demo's), then --sample --like --ref at both precisions from
-           the same x0, scored with evaluate.py -m cls-u (--energy-eval-flags: the official classifier size)
+           the same x0, scored with evaluate.py -m cls-u (--energy-eval-flags)
   bespoke  bespoke.py --loss local local-mse at --bespoke-steps on the fp32 shape run of every seed, conditions
            from --ref: the end-point MSEs against the midpoint-100 reference that bespoke.py logs
 Every trained network also gets its validation loss (the training script's own function, same split and draws)
@@ -59,8 +59,10 @@ def parse_args(argv=None):
     p.add_argument("--energy-sample-flags", default="--solver rk4 --steps 5")
     p.add_argument("--shape-eval-flags", default="-m hist cls-low cls-high fpd --cls-width 256 --cls-epochs 10 "
                    "--cls-repeats 3", help="evaluate.py flags for the showers")
-    p.add_argument("--energy-eval-flags", default="-m cls-u --cls-repeats 3", help="evaluate.py flags for the u's "
-                   "(default: the official width 2048, 50 epochs)")
+    p.add_argument("--energy-eval-flags", default="-m cls-u --cls-width 512 --cls-epochs 30 --cls-repeats 5",
+                   help="evaluate.py flags for the u's (official size: --cls-width 2048 --cls-epochs 50)")
+    p.add_argument("--eval-tag", default="", help="suffix of the scoring folders: score the same samples again "
+                   "with other --*-eval-flags (finished training and sampling steps are reused)")
     p.add_argument("--bespoke-steps", type=int, nargs="+", default=[8, 16])
     p.add_argument("--bespoke-flags", default="--preset small", help="extra bespoke.py flags")
     p.add_argument("--device", default="cpu")
@@ -163,10 +165,11 @@ def grid(args, part, seed):
             smp = step(folder / f"sample_{sp}.json", *sample, "--ckpt", run, "--ds", args.ds, "--output", files[sp],
                        "--overwrite", "--seed", seed, "--precision", sp, "--no-progress", *n, *dev,
                        *shlex.split(getattr(args, f"{part}_sample_flags")))
-            ev = step(folder / f"eval_{sp}.json", "evaluate.py", "-i", files[sp], "-r", args.ref, "--ds", args.ds,
-                      "--out", folder / f"eval_{sp}", "--overwrite", "--seed", seed, "--no-plots", "--no-progress",
+            name = f"eval_{sp}{args.eval_tag}"
+            ev = step(folder / f"{name}.json", "evaluate.py", "-i", files[sp], "-r", args.ref, "--ds", args.ds,
+                      "--out", folder / name, "--overwrite", "--seed", seed, "--no-plots", "--no-progress",
                       *dev, *shlex.split(getattr(args, f"{part}_eval_flags")))
-            summary = json.loads((folder / f"eval_{sp}" / "summary.json").read_text())
+            summary = json.loads((folder / name / "summary.json").read_text())
             rows.append(dict(part=part, seed=seed, train=tp, sample=sp, train_cpu_s=train["cpu_s"],
                              sample_cpu_s=smp["cpu_s"], eval_cpu_s=ev["cpu_s"], val_loss=losses[sp],
                              **scores(part, summary)))
@@ -276,9 +279,10 @@ def main(argv=None):
         rows = [r for seed in args.seeds for r in (bespoke_rows(args, seed) if part == "bespoke" else
                                                    grid(args, part, seed))]
         lines = bespoke_table(rows) if part == "bespoke" else grid_table(rows, part)
-        (out / f"{part}.json").write_text(json.dumps(dict(vars(args), rows=rows), indent=1) + "\n")
-        (out / f"{part}.md").write_text("\n".join(lines) + "\n")
-        tables[part] = out / f"{part}.md"
+        name = part + ("" if part == "bespoke" else args.eval_tag)
+        (out / f"{name}.json").write_text(json.dumps(dict(vars(args), rows=rows), indent=1) + "\n")
+        (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+        tables[part] = out / f"{name}.md"
         print("\n".join(lines), flush=True)
     return tables
 
