@@ -45,8 +45,10 @@ def test_grid_and_bespoke_on_tiny_runs(toy_ds2, tmp_path, calls):
         for r in rows[part]:  # the validation loss recomputed by the tool is the training script's own number
             if r["train"] == r["sample"]:
                 assert r["val_loss"] == ckpts[r["train"]]["history"]["val_loss"][-1][1]
+            assert (r["fit_loss"] is None) == (part == "energy")
         assert ckpts["bf16"]["config"]["precision"] == "bf16"
-        assert any(not torch.equal(ckpts["fp32"]["model"][k], ckpts["bf16"]["model"][k]) for k in ckpts["fp32"]["model"])
+        weights = [ckpts[p]["model"] for p in ("fp32", "bf16")]
+        assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
         # bf16 sampling really runs in bf16: the same x0 gives a different (nearby) sample
         assert [r["paired_change"] == 0 for r in rows[part]] == [True, False, True, False]
         assert all(0 < r["paired_change"] < 0.1 for r in rows[part][1::2])
