@@ -6,6 +6,12 @@ pair of CaloChallenge files (the toy showers on a CPU), over several seeds so th
         --parts shape energy --seeds 0 1 2 --out /tmp/prec/study          # hours on 2 CPU cores
     python tools/precision_study.py ... --parts bespoke    # BNS --loss local vs local-mse on the fp32 shape runs
 
+On 2 shared CPU cores the study was run smaller (about an hour in all): --n 300, --shape-flags "--preset small
+--epochs 3 --max-showers 1500", --shape-eval-flags "-m hist cls-high --cls-width 256 --cls-epochs 10
+--max-showers 300" (fpd: about 150 s per score on a CPU, and meaningless on a few hundred showers), --energy-flags
+"--epochs 3 --max-showers 1000", --energy-eval-flags "-m cls-u --cls-width 512 --cls-epochs 30 --max-showers 300",
+and for the bespoke part --seeds 0 --bespoke-flags "--preset small --pool 48 --n-val 16 --iters 20".
+
 Parts (each one a 2x2 grid: train {fp32, bf16} x sample {fp32, bf16}, per seed):
   shape    shape_vit.py trained with --shape-flags (the demo's small ViT, 10 epochs), then --sample with the true
            E_inc and u's of --ref at both precisions from the same x0, scored by evaluate.py (--shape-eval-flags)
