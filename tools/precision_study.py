@@ -10,7 +10,7 @@ On 2 shared CPU cores the study was run smaller (about an hour in all): --n 300,
 --epochs 3 --max-showers 1500", --shape-eval-flags "-m hist cls-high --cls-width 256 --cls-epochs 10
 --max-showers 300" (fpd: about 150 s per score on a CPU, and meaningless on a few hundred showers), --energy-flags
 "--epochs 3 --max-showers 1000", --energy-eval-flags "-m cls-u --cls-width 512 --cls-epochs 30 --max-showers 300",
-and for the bespoke part --seeds 0 --bespoke-flags "--preset small --pool 48 --n-val 16 --iters 20".
+and for the bespoke part --seeds 0 --bespoke-flags "--preset small --pool 48 --n-val 16 --iters 20" (and 60).
 
 Parts (each one a 2x2 grid: train {fp32, bf16} x sample {fp32, bf16}, per seed):
   shape    shape_vit.py trained with --shape-flags (the demo's small ViT, 10 epochs), then --sample with the true
