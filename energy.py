@@ -149,7 +149,8 @@ def sample_z(model, c_e, x0, solver="rk4", steps=50, cache=True, graphs=None):
         return time_terms[t]
 
     def solve_layer(a, x0_i):
-        return common.solve(lambda x, t: model.head(torch.addcmul(a + time_term(t), x, w_x.T)), x0_i, steps, solver)[0]
+        return common.solve(lambda x, t: model.head(torch.addcmul(a + time_term(t), x, w_x.T)).float(), x0_i, steps,
+                            solver)[0]
 
     if graphs is not None and c_e.is_cuda:
         key = (n, solver, steps)
@@ -202,8 +203,9 @@ def sample(args):
     print(f"sampling u's for {len(e_inc)} events on {device} with {path} (epoch {ckpt['epoch']}): {args.solver}, "
           f"{args.steps} steps ({args.steps * common.NFE_PER_STEP[args.solver]} NFE per layer)")
     start = time.time()
-    u = sample_u(model, ckpt["stats"], e_inc, device, args.solver, args.steps, args.batch_size or 10000,
-                 not args.no_cache, args.seed, not args.no_progress)
+    with common.autocast(device, args.precision):
+        u = sample_u(model, ckpt["stats"], e_inc, device, args.solver, args.steps, args.batch_size or 10000,
+                     not args.no_cache, args.seed, not args.no_progress)
     seconds = time.time() - start
     common.write_conditions(output, e_inc, u, args.ds, args.overwrite, checkpoint=str(path), epoch=ckpt["epoch"],
                             solver=args.solver, steps=args.steps, seed=args.seed, seconds=seconds,
