@@ -228,20 +228,35 @@ def batch_inputs(e_inc, showers, ds, cond_stats, device):
     return frac.unsqueeze(1), common.shape_condition(e_inc, u, cond_stats), layer_e, u
 
 
+CUT_GRID = np.logspace(-7, -2, 51)  # candidate normalised cuts
+
+
+def _zero_counts(rec, layer_e, grid=CUT_GRID):
+    return np.array([(decoded_to_showers(rec, layer_e, cut) == 0).sum().item() for cut in grid])
+
+
+def _best_cut(zeros, data_zeros, size, n, grid=CUT_GRID):
+    best = int(np.argmin(np.abs(zeros - data_zeros)))
+    return float(grid[best]), {"data_sparsity": float(data_zeros / size), "recon_sparsity": float(zeros[best] / size),
+                               "n": n}
+
+
+def calibrate_decoded(rec, layer_e, showers):
+    """The cut in CUT_GRID whose showers decoded from `rec` (fractions) and `layer_e` have the share of empty
+    voxels of `showers` (raw MeV, same rows); returns (cut, info). Also for a decoder that ignores its latent."""
+    data_zeros = float((np.asarray(showers) < common.MIN_ENERGY).sum())
+    return _best_cut(_zero_counts(rec, layer_e), data_zeros, np.asarray(showers).size, len(rec))
+
+
 @torch.no_grad()
 def calibrate_cut(vae, e_inc, showers, ds, cond_stats, device, batch_size=256):
-    """The cut in logspace(1e-7, 1e-2) whose reconstructions have the data's share of empty voxels."""
-    grid = np.logspace(-7, -2, 51)
-    zeros, data_zeros = np.zeros(len(grid)), 0.0
+    """The cut in CUT_GRID (1e-7 ... 1e-2) whose reconstructions have the data's share of empty voxels."""
+    zeros, data_zeros = np.zeros(len(CUT_GRID)), 0.0
     for s in range(0, len(e_inc), batch_size):
         frac, cond, layer_e, _ = batch_inputs(e_inc[s:s + batch_size], showers[s:s + batch_size], ds, cond_stats, device)
         data_zeros += (showers[s:s + batch_size] < common.MIN_ENERGY).sum()
-        rec = vae.decode(vae.encode(frac, cond)[0], cond)
-        for i, cut in enumerate(grid):
-            zeros[i] += (decoded_to_showers(rec, layer_e, cut) == 0).sum().item()
-    best = int(np.argmin(np.abs(zeros - data_zeros)))
-    return float(grid[best]), {"data_sparsity": float(data_zeros / showers.size),
-                               "recon_sparsity": float(zeros[best] / showers.size), "n": len(e_inc)}
+        zeros += _zero_counts(vae.decode(vae.encode(frac, cond)[0], cond), layer_e)
+    return _best_cut(zeros, data_zeros, showers.size, len(e_inc))
 
 
 # ----------------------------------------------------------------------------- training
