@@ -28,11 +28,11 @@ The condition bias enters once per block (after its first 3^3 conv); with it on 
 the up-path 3^3 convs, the counts miss (+256 for the biases in both datasets).
 Loss: mean BCE over voxels + beta * KL (mean over latent elements), beta = 1e-5; AdamW (weight decay 1e-4),
 one-cycle to max LR 1e-3 (20 % warm-up), batch 128, 200 epochs.
-Init (not fixed by the paper): the decoder's logits start at the training split's mean shower, logit of each
-voxel's mean fraction, a fixed (non-trainable) offset added to the output conv (bias 0); logvar bias -6. From a
-zero init the sigmoid spends thousands of steps sliding from 0.5 to the typical fraction; from the uniform
-logit(1 / (A R)) (runs made before the offset, model_args without "grid") two epochs of the CPU toy run did not
-reach the mean shower's BCE; with unit noise the decoder learns to ignore z.
+Init (not fixed by the paper): logvar bias -6 (with unit posterior noise the decoder learns to ignore z), and
+the decoder's logits start at the training split's mean shower: a fixed (non-trainable) offset, logit of every
+voxel's mean fraction, added to the output conv (bias 0). From a zero init the sigmoid spends thousands of steps
+sliding from 0.5 to the typical fraction; from the uniform logit(1 / (A R)) of runs made before the offset
+(model_args without "grid") two epochs of the CPU toy run stayed above the mean shower's BCE, with it one did not.
 Precision: float32 (TF32 convolutions on CUDA), not bf16 autocast: bf16 logits would quantise every small voxel
 fraction by about 3 %.
 Decoding: the output is renormalised per layer, fractions below the cut are zeroed (the paper's "normalised cut";
