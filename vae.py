@@ -32,7 +32,8 @@ Init (not fixed by the paper): logvar bias -6 (with unit posterior noise the dec
 the decoder's logits start at the training split's mean shower: a fixed (non-trainable) offset, logit of every
 voxel's mean fraction, added to the output conv (bias 0). From a zero init the sigmoid spends thousands of steps
 sliding from 0.5 to the typical fraction; from the uniform logit(1 / (A R)) of runs made before the offset
-(model_args without "grid") two epochs of the CPU toy run stayed above the mean shower's BCE, with it one did not.
+(model_args without "grid") two epochs of the CPU toy run stayed above the mean shower's BCE; with the offset the
+first epoch ended below it.
 Precision: float32 (TF32 convolutions on CUDA), not bf16 autocast: bf16 logits would quantise every small voxel
 fraction by about 3 %.
 Decoding: the output is renormalised per layer, fractions below the cut are zeroed (the paper's "normalised cut";
