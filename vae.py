@@ -28,12 +28,11 @@ The condition bias enters once per block (after its first 3^3 conv); with it on 
 the up-path 3^3 convs, the counts miss (+256 for the biases in both datasets).
 Loss: mean BCE over voxels + beta * KL (mean over latent elements), beta = 1e-5; AdamW (weight decay 1e-4),
 one-cycle to max LR 1e-3 (20 % warm-up), batch 128, 200 epochs.
-Init (not fixed by the paper): logvar bias -6 (with unit posterior noise the decoder learns to ignore z), and
-the decoder's logits start at the training split's mean shower: a fixed (non-trainable) offset, logit of every
-voxel's mean fraction, added to the output conv (bias 0). From a zero init the sigmoid spends thousands of steps
-sliding from 0.5 to the typical fraction; from the uniform logit(1 / (A R)) of runs made before the offset
-(model_args without "grid") two epochs of the CPU toy run stayed above the mean shower's BCE; with the offset the
-first epoch ended below it.
+Init (not fixed by the paper): output bias logit(1 / (A R)) (the mean fraction of a voxel in a layer) and logvar
+bias -6: from a zero init the sigmoid spends thousands of steps sliding from 0.5 to the typical fraction, and the
+decoder learns to ignore a z drowned in unit noise. Tried and dropped: a fixed per-voxel offset starting the logits
+at the training mean shower; on the CPU toy its first epoch had a lower BCE (0.0301 vs 0.0314, mean shower 0.0306)
+but no better reconstruction (docs/RESULTS.md).
 Precision: float32 (TF32 convolutions on CUDA), not bf16 autocast: bf16 logits would quantise every small voxel
 fraction by about 3 %.
 Decoding: the output is renormalised per layer, fractions below the cut are zeroed (the paper's "normalised cut";
@@ -157,7 +156,7 @@ class VAE(nn.Module):
     """encode(frac, cond) -> (mu, logvar) on the latent grid; decode(z, cond) -> fractions in [0, 1] of shape
     (B, 1, 45, A, R). frac may also be given as (B, 45, A, R). `cells` = A * R sets the output bias."""
 
-    def __init__(self, kernel, stride, padding, latent, cells, channels=64, cond_dim=46, cond_hidden=100, grid=None):
+    def __init__(self, kernel, stride, padding, latent, cells, channels=64, cond_dim=46, cond_hidden=100):
         super().__init__()
         self.latent_shape, ch, lat = tuple(latent), channels, latent[0]
         self.cond_net = nn.Sequential(nn.Linear(cond_dim, cond_hidden), nn.ReLU(), nn.Linear(cond_hidden, cond_hidden))
@@ -168,18 +167,8 @@ class VAE(nn.Module):
         self.up = nn.ModuleList([UpBlock(lat, ch, 1, 1, 0, cond_hidden),
                                  UpBlock(ch, ch, kernel, stride, padding, cond_hidden)])
         self.out = CoordConv(ch, 1, 1)
+        nn.init.constant_(self.out.conv.bias, -math.log(cells - 1))  # sigmoid = 1 / cells, a layer's mean
         nn.init.constant_(self.to_logvar.bias, LOGVAR_INIT)
-        if grid is None:  # runs made before the mean-shower offset
-            nn.init.constant_(self.out.conv.bias, -math.log(cells - 1))  # sigmoid = 1 / cells, a layer's mean
-            self.register_buffer("logit_offset", None)
-        else:  # uniform until set_mean_shower
-            nn.init.zeros_(self.out.conv.bias)
-            self.register_buffer("logit_offset", torch.full((1, 1, common.N_LAYERS, *grid), -math.log(cells - 1)))
-
-    def set_mean_shower(self, mean_frac):
-        """Start the decoder at the mean shower: logits offset by logit(mean fraction) of every voxel (45, A, R)."""
-        p = mean_frac.double().clamp(1e-6, 1 - 1e-6)
-        self.logit_offset.copy_((torch.log(p) - torch.log1p(-p)).reshape(self.logit_offset.shape))
 
     def encode(self, frac, cond):
         h, c = (frac.unsqueeze(1) if frac.dim() == 4 else frac), self.cond_net(cond)
@@ -192,8 +181,7 @@ class VAE(nn.Module):
         h, c = z, self.cond_net(cond)
         for block in self.up:
             h = block(h, c)
-        out = self.out(h)
-        return out if self.logit_offset is None else out + self.logit_offset
+        return self.out(h)
 
     def decode(self, z, cond):
         return torch.sigmoid(self.decode_logits(z, cond).float())
@@ -206,15 +194,7 @@ class VAE(nn.Module):
 
 def model_args_for(ds, channels):
     g = common.geometry(ds)
-    return dict(PRESETS[ds], cells=g.n_alpha * g.n_r, channels=channels, grid=(g.n_alpha, g.n_r))
-
-
-def mean_fractions(showers, idx, ds, chunk=5000):
-    """The mean shower: per-layer voxel fractions (45, A, R) averaged over the rows idx of showers (MeV)."""
-    total = 0.0
-    for s in range(0, len(idx), chunk):
-        total = total + common.voxel_fractions(torch.from_numpy(showers[idx[s:s + chunk]]), ds)[0].double().sum(0)
-    return total / max(len(idx), 1)
+    return dict(PRESETS[ds], cells=g.n_alpha * g.n_r, channels=channels)
 
 
 def vae_loss(model, frac, cond, beta, generator=None):
@@ -330,10 +310,7 @@ def train(args):
 
     common.seed_everything(args.seed)
     model_args = ckpt["model_args"] if ckpt else model_args_for(args.ds, args.channels)
-    vae = VAE(**model_args)
-    if not ckpt and vae.logit_offset is not None:
-        vae.set_mean_shower(mean_fractions(showers, train_idx, args.ds))
-    vae = vae.to(device)
+    vae = VAE(**model_args).to(device)
     if world > 1 and device.type == "cuda":
         vae = nn.SyncBatchNorm.convert_sync_batchnorm(vae)  # batch statistics of the global batch
     steps_per_epoch = len(train_idx) // args.batch_size
