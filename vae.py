@@ -30,13 +30,17 @@ Loss: mean BCE over voxels + beta * KL (mean over latent elements), beta = 1e-5;
 one-cycle to max LR 1e-3 (20 % warm-up), batch 128, 200 epochs.
 Init (not fixed by the paper): output bias logit(1 / (A R)) (the mean fraction of a voxel in a layer) and logvar
 bias -6: from a zero init the sigmoid spends thousands of steps sliding from 0.5 to the typical fraction, and the
-decoder learns to ignore a z drowned in unit noise.
+decoder learns to ignore a z drowned in unit noise. Tried and dropped: a fixed per-voxel offset starting the logits
+at the training mean shower; on the CPU toy its first epoch had a lower BCE (0.0301 vs 0.0314, mean shower 0.0306)
+but no better reconstruction (docs/RESULTS.md).
 Precision: float32 (TF32 convolutions on CUDA), not bf16 autocast: bf16 logits would quantise every small voxel
 fraction by about 3 %.
 Decoding: the output is renormalised per layer, fractions below the cut are zeroed (the paper's "normalised cut";
 a sigmoid never outputs exact zeros; a layer's largest voxel always stays), renormalised again and scaled by the
-layer energies of the u's. The cut is calibrated at the end of training so that the reconstructed validation
-showers have the data's fraction of empty voxels (ckpt["cut"]).
+layer energies of the u's. The cut is calibrated per layer at the end of training so that the reconstructed
+validation showers have the data's fraction of empty voxels in every layer (ckpt["cut"], 45 values; a scalar in
+older runs). One global cut cannot do it: the data's empty share falls from ~0.96 in the first layers to ~0.6 at
+the maximum, and on the toy the calibrated per-layer cuts span 4e-2 ... 5e-3 (docs/RESULTS.md).
 """
 import argparse
 import json
@@ -96,7 +100,7 @@ def parse_args(argv=None):
     s.add_argument("--n", type=int, help="only the first N showers")
     s.add_argument("--output", help="output file (default: next to the checkpoint or the latent file)")
     s.add_argument("--overwrite", action="store_true")
-    s.add_argument("--cut", type=float, help="normalised cut on voxel fractions (default: the calibrated one)")
+    s.add_argument("--cut", type=float, help="one normalised cut on voxel fractions (default: the calibrated per-layer ones)")
     return common.check_args(p.parse_args(argv))
 
 
@@ -203,10 +207,11 @@ def vae_loss(model, frac, cond, beta, generator=None):
 
 
 def decoded_to_showers(frac, layer_e, cut):
-    """The normalised cut: renormalise each decoded layer, zero fractions below `cut` (but keep the layer's
-    largest voxel, so that no layer loses its energy), renormalise again, scale by the layer energies."""
+    """The normalised cut: renormalise each decoded layer, zero fractions below `cut` (a number, or one per layer)
+    but keep the layer's largest voxel, so that no layer loses its energy; renormalise, scale by the layer energies."""
     f = frac.double().reshape(frac.shape[0], common.N_LAYERS, -1).clamp(min=0)
     f = f / f.sum(-1, keepdim=True).clamp(min=1e-300)
+    cut = torch.as_tensor(cut, dtype=f.dtype, device=f.device).reshape(-1, 1)  # (1, 1) or (45, 1)
     f = torch.where((f >= cut) | (f == f.amax(-1, keepdim=True)), f, 0.0)
     return common.fractions_to_showers(f, layer_e, cut=0.0)
 
@@ -228,20 +233,49 @@ def batch_inputs(e_inc, showers, ds, cond_stats, device):
     return frac.unsqueeze(1), common.shape_condition(e_inc, u, cond_stats), layer_e, u
 
 
+CUT_GRID = np.logspace(-7, -1, 61)  # candidate normalised cuts, a tenth of a decade apart
+
+
+def _layer_zeros(x):
+    """Empty voxels per layer, (45,), of showers (N, n_vox) in MeV."""
+    x = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x)
+    return (x.reshape(len(x), common.N_LAYERS, -1) < common.MIN_ENERGY).sum((0, 2)).double().cpu().numpy()
+
+
+def _zero_counts(rec, layer_e, grid=CUT_GRID):
+    """(len(grid), 45): empty voxels per layer of the showers decoded with every cut of the grid."""
+    return np.stack([_layer_zeros(decoded_to_showers(rec, layer_e, cut)) for cut in grid])
+
+
+def _best_cut(zeros, data_zeros, size, n, grid=CUT_GRID):
+    """Per layer the grid cut whose empty count is nearest the data's; returns (45 cuts, info)."""
+    best = np.abs(zeros - data_zeros).argmin(0)
+    rec_zeros = zeros[best, np.arange(zeros.shape[1])].sum()
+    return [float(c) for c in grid[best]], {"data_sparsity": float(data_zeros.sum() / size),
+                                            "recon_sparsity": float(rec_zeros / size), "n": n}
+
+
+def calibrate_decoded(rec, layer_e, showers):
+    """The per-layer cuts in CUT_GRID whose showers decoded from `rec` (fractions) and `layer_e` have the empty
+    voxels of every layer of `showers` (raw MeV, same rows); returns (cuts, info). Also for a decoder that ignores
+    its latent (the mean shower)."""
+    return _best_cut(_zero_counts(rec, layer_e), _layer_zeros(showers), np.asarray(showers).size, len(rec))
+
+
 @torch.no_grad()
 def calibrate_cut(vae, e_inc, showers, ds, cond_stats, device, batch_size=256):
-    """The cut in logspace(1e-7, 1e-2) whose reconstructions have the data's share of empty voxels."""
-    grid = np.logspace(-7, -2, 51)
-    zeros, data_zeros = np.zeros(len(grid)), 0.0
+    """The per-layer cuts in CUT_GRID (1e-7 ... 1e-1) whose reconstructions have the data's empty voxels per layer."""
+    zeros, data_zeros = 0.0, 0.0
     for s in range(0, len(e_inc), batch_size):
         frac, cond, layer_e, _ = batch_inputs(e_inc[s:s + batch_size], showers[s:s + batch_size], ds, cond_stats, device)
-        data_zeros += (showers[s:s + batch_size] < common.MIN_ENERGY).sum()
-        rec = vae.decode(vae.encode(frac, cond)[0], cond)
-        for i, cut in enumerate(grid):
-            zeros[i] += (decoded_to_showers(rec, layer_e, cut) == 0).sum().item()
-    best = int(np.argmin(np.abs(zeros - data_zeros)))
-    return float(grid[best]), {"data_sparsity": float(data_zeros / showers.size),
-                               "recon_sparsity": float(zeros[best] / showers.size), "n": len(e_inc)}
+        data_zeros = data_zeros + _layer_zeros(showers[s:s + batch_size])
+        zeros = zeros + _zero_counts(vae.decode(vae.encode(frac, cond)[0], cond), layer_e)
+    return _best_cut(zeros, data_zeros, showers.size, len(e_inc))
+
+
+def describe_cut(cut):
+    c = np.atleast_1d(np.asarray(cut, dtype=float))
+    return f"{c[0]:.2e}" if len(c) == 1 else f"{c.min():.1e} ... {c.max():.1e} (per layer)"
 
 
 # ----------------------------------------------------------------------------- training
@@ -319,7 +353,7 @@ def train(args):
         if rank == 0 and epoch + 1 == last:  # the normalised cut that restores the data's sparsity
             cal = val_idx[:2000] if len(val_idx) else train_idx[:2000]
             cut, cut_info = calibrate_cut(vae.eval(), e_inc[cal], showers[cal], args.ds, stats["cond"], device)
-            log(f"normalised cut {cut:.2e}: empty voxels {cut_info['recon_sparsity']:.4f} reconstructed vs "
+            log(f"normalised cut {describe_cut(cut)}: empty voxels {cut_info['recon_sparsity']:.4f} reconstructed vs "
                 f"{cut_info['data_sparsity']:.4f} data")
         if rank == 0 and ((epoch + 1) % args.ckpt_every == 0 or epoch + 1 == last):
             common.save_checkpoint(run_dir / "ckpt.pt", script=SCRIPT, ds=args.ds, config=config,
@@ -387,7 +421,7 @@ def decode(args):
     info.update(file=str(output), n=n, latents=str(latents), vae_ckpt=str(path), cut=cut, seconds_decode=seconds,
                 ms_per_shower_decode=1e3 * seconds / n)
     common.atomic_write(f"{output}.json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1) + "\n"))
-    print(f"wrote {output}: {n} showers decoded with {path} (cut {cut:.2e}), {1e3 * seconds / n:.2f} ms per shower")
+    print(f"wrote {output}: {n} showers decoded with {path} (cut {describe_cut(cut)}), {1e3 * seconds / n:.2f} ms per shower")
     return output
 
 
@@ -399,7 +433,7 @@ def reconstruct(args):
     n = common.count_showers(like, args.ds, args.n)
     cut = args.cut if args.cut is not None else (ckpt.get("cut") or DEFAULT_CUT)
     output = Path(args.output or run_dir / f"recon_{Path(like[0]).stem}.hdf5")
-    print(f"reconstructing {n} showers of {' '.join(like)} with {path} (epoch {ckpt['epoch']}), cut {cut:.2e}")
+    print(f"reconstructing {n} showers of {' '.join(like)} with {path} (epoch {ckpt['epoch']}), cut {describe_cut(cut)}")
     with common.ShowerWriter(output, n, args.ds, args.overwrite) as w:
         for e, x in common.iter_showers(like, args.ds, n, 1000, not args.no_progress):
             frac, cond, layer_e, _ = batch_inputs(e, x, args.ds, ckpt["stats"]["cond"], device)

@@ -98,3 +98,16 @@ def test_normalised_cut_restores_exact_zeros():
     assert (V.decoded_to_showers(frac, layer_e, cut=0.0) > 0).all()  # without the cut no voxel is empty
     x_all = V.decoded_to_showers(frac, layer_e, cut=0.9).reshape(3, 45, -1)  # above every fraction:
     assert ((x_all > 0).sum(-1) == 1).all() and torch.allclose(x_all.sum(-1), layer_e.double())  # the max stays
+
+
+def test_cut_calibrated_per_layer():
+    torch.manual_seed(0)
+    frac, layer_e = torch.rand(40, 45, 16, 9), torch.full((40, 45), 1e4)  # normalised fractions ~ U(0, 1) / 72; grid steps: 26 %
+    target = torch.linspace(0.2, 0.8, 45)  # the data's empty share per layer
+    showers = torch.where(torch.rand(40, 45, 144) < target[:, None], 0.0, 1.0).reshape(40, -1).numpy()
+    cuts, info = V.calibrate_decoded(frac, layer_e, showers)
+    assert len(cuts) == 45 and all(a <= b for a, b in zip(cuts, cuts[1:]))  # more zeros want a higher cut
+    empty = (V.decoded_to_showers(frac, layer_e, cuts).reshape(40, 45, -1) == 0).double().mean((0, 2))
+    assert (empty - target.double()).abs().max() < 0.1 and abs(info["recon_sparsity"] - info["data_sparsity"]) < 0.02
+    one = (V.decoded_to_showers(frac, layer_e, 0.5 / 72).reshape(40, 45, -1) == 0).double().mean((0, 2))
+    assert (one - target.double()).abs().max() > 0.25  # one cut for all layers misses the ends
