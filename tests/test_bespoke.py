@@ -33,11 +33,12 @@ def vit_field(model):
 
 
 def test_interpolate_hits_grid_and_is_linear():
-    traj = torch.randn(3, 11, 4)
+    traj = torch.randn(3, 11, 4, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([0.0, 0.3, 0.35, 1.0])
     out = bespoke.interpolate(traj, t)
     assert torch.allclose(out[0], traj[:, 0]) and torch.allclose(out[1], traj[:, 3], atol=1e-6)
-    assert torch.allclose(out[2], 0.5 * (traj[:, 3] + traj[:, 4]), atol=1e-5) and torch.allclose(out[3], traj[:, -1])
+    assert torch.allclose(out[2], 0.5 * (traj[:, 3] + traj[:, 4]), atol=1e-5)
+    assert torch.allclose(out[3], traj[:, -1], atol=1e-6)  # t = 1 through float32 arithmetic
 
 
 @pytest.mark.parametrize("loss_name", ["global", "local", "local-mse"])
