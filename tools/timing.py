@@ -274,6 +274,15 @@ def out_of_memory(err):
     return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "not enough memory" in str(err)
 
 
+def out_of_memory_row(err, row, device):
+    """The row of a measurement that ran out of memory (the device's cache emptied); any other error is raised."""
+    if not out_of_memory(err):
+        raise err
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return dict(row, status="out of memory")
+
+
 def matmul_peak(device, precision, n):
     """Dense matmul FLOP/s of an n x n x n product on this device: fp32 (TF32 on CUDA, as the stages' fp32
     precision sets it) or bf16; the best of 3 timings of k products, k doubled until one timing takes 0.1 s."""
@@ -367,11 +376,7 @@ def chain_row(nets, chain, ds, setting, batch, precision, runs, args, device, pa
             runs_.append(run_chain(nets, chain, ds, e_inc, setting, solve, batch, path, device, precision, args.seed))
             spent += sum(v for k, v in runs_[-1].items() if k != "cpu")
     except (RuntimeError, MemoryError) as err:
-        if not out_of_memory(err):
-            raise
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        return dict(row, status="out of memory")
+        return out_of_memory_row(err, row, device)
     finally:
         path.unlink(missing_ok=True)
     gen_s = [r["energy"] + r["shape"] + r["decode"] for r in runs_]
@@ -508,11 +513,7 @@ def train_row(kind, ds, runs, device, args, precision, peak, tmp):
             step()
         seconds = lap() / args.train_steps
     except (RuntimeError, MemoryError) as err:
-        if not out_of_memory(err):
-            raise
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        return dict(row, status="out of memory")
+        return out_of_memory_row(err, row, device)
     rate = b / seconds
     return dict(row, ms_per_step=1e3 * seconds, showers_per_s=rate, gflop_per_step=flops / 1e9,
                 tflops=flops / seconds / 1e12, fraction_of_peak=flops / seconds / peak,
