@@ -514,9 +514,8 @@ def output_paths(args):
             raise ValueError(f"the scores of --input and --anomalous would both go to {out}: pass --output")
     extra = [Path(f"{out}.json")] + [out.with_name(f"{out.stem}_{k}.png") for k, on in
                                       (("calibration", args.calibrate), ("roc", args.anomalous)) if on and not args.no_plots]
-    for p in files + extra:
-        if p.exists() and not args.overwrite:
-            raise FileExistsError(f"{p} exists; pass --overwrite to replace it")
+    for p in files + extra:  # before the work: existing outputs, a live writer, a folder that takes no file
+        common.claim_output(p, args.overwrite)
     return files, extra
 
 
