@@ -32,7 +32,7 @@ TOY = {
     "data": ["--n", "6000", "--n-ref", "3000"],
     "energy": ["--epochs", "10", "--batch-size", "64", "--lr", "1e-3", "--val-every", "2", "--ckpt-every", "1"],
     "shape": ["--preset", "small", "--epochs", "10", "--val-every", "2", "--ckpt-every", "1"],
-    "vae": ["--channels", "16", "--epochs", "6", "--val-every", "2", "--ckpt-every", "2"],
+    "vae": ["--channels", "16", "--epochs", "2", "--val-every", "2", "--ckpt-every", "2"],  # --latent: ~25 CPU min more
     "latent": ["--preset", "small", "--epochs", "8", "--val-every", "2", "--ckpt-every", "2"],
     "bespoke": ["--preset", "small", "--steps", "8", "--loss", "local", "--iters", "300"],
     "energy_sample": ["--steps", "5"],  # the fast setting (docs/RESULTS.md: as good as RK4 50 on the toy showers)
