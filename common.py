@@ -849,13 +849,19 @@ def count_parameters(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def cfm_loss(model, x1, cond, generator=None, weight=None):
-    """Conditional flow matching (paper Eq. 6): x_t = (1-t) x0 + t x1, target velocity x1 - x0, plain MSE; with
-    `weight` (broadcast to one row of x1) the weighted mean over the weighted elements."""
+def cfm_error(model, x1, cond, generator=None):
+    """Conditional flow matching (paper Eq. 6): x_t = (1-t) x0 + t x1, target velocity x1 - x0; the squared error
+    of every element and the t of every row."""
     x0 = torch.randn(x1.shape, generator=generator, device=x1.device)
     t = torch.rand(x1.shape[0], generator=generator, device=x1.device)
     tb = t.reshape(-1, *[1] * (x1.dim() - 1))
-    err = (model((1 - tb) * x0 + tb * x1, t, cond).float() - (x1 - x0)) ** 2
+    return (model((1 - tb) * x0 + tb * x1, t, cond).float() - (x1 - x0)) ** 2, t
+
+
+def cfm_loss(model, x1, cond, generator=None, weight=None):
+    """The CFM loss, plain MSE of cfm_error; with `weight` (broadcast to one row of x1) the weighted mean over the
+    weighted elements."""
+    err, _ = cfm_error(model, x1, cond, generator)
     if weight is None:
         return err.mean()
     weight = weight.to(err.device).expand_as(err[0])

@@ -50,9 +50,7 @@ def loss_split(ckpt, files, draws=2, bins=5, batch_size=100, seed=1):
     for _ in range(draws):
         for s in range(0, len(z), batch_size):
             x1, c, em = z[s:s + batch_size], cond[s:s + batch_size], empty[s:s + batch_size]
-            x0, t = torch.randn(x1.shape, generator=gen), torch.rand(len(x1), generator=gen)
-            tb = t.reshape(-1, *[1] * (x1.dim() - 1))
-            err = (model((1 - tb) * x0 + tb * x1, t, c).float() - (x1 - x0)) ** 2
+            err, t = common.cfm_error(model, x1, c, gen)
             b = (t * bins).long().clamp(max=bins - 1)
             for k, mask in enumerate((em & seen, ~em & seen)):
                 m = mask.reshape(len(x1), -1).double()
