@@ -30,17 +30,19 @@ Loss: mean BCE over voxels + beta * KL (mean over latent elements), beta = 1e-5;
 one-cycle to max LR 1e-3 (20 % warm-up), batch 128, 200 epochs.
 Init (not fixed by the paper): output bias logit(1 / (A R)) (the mean fraction of a voxel in a layer) and logvar
 bias -6: from a zero init the sigmoid spends thousands of steps sliding from 0.5 to the typical fraction, and the
-decoder learns to ignore a z drowned in unit noise. Tried and dropped: a fixed per-voxel offset starting the logits
-at the training mean shower; on the CPU toy its first epoch had a lower BCE (0.0301 vs 0.0314, mean shower 0.0306)
-but no better reconstruction (docs/RESULTS.md).
+decoder learns to ignore a z drowned in unit noise (a decoder started at the mean shower: docs/RESULTS.md).
 Precision: float32 (TF32 convolutions on CUDA), not bf16 autocast: bf16 logits would quantise every small voxel
 fraction by about 3 %.
 Decoding: the output is renormalised per layer, fractions below the cut are zeroed (the paper's "normalised cut";
 a sigmoid never outputs exact zeros; a layer's largest voxel always stays), renormalised again and scaled by the
-layer energies of the u's. The cut is calibrated per layer at the end of training so that the reconstructed
-validation showers have the data's fraction of empty voxels in every layer (ckpt["cut"], 45 values; a scalar in
-older runs). One global cut cannot do it: the data's empty share falls from ~0.96 in the first layers to ~0.6 at
-the maximum, and on the toy the calibrated per-layer cuts span 4e-2 ... 5e-3 (docs/RESULTS.md).
+layer energies of the u's. The cut of layer l is c_l (E_l / 1 GeV)^-g: c_l is calibrated at the end of training
+so that the reconstructed validation showers have the data's fraction of empty voxels in every layer (ckpt["cut"],
+45 values; a scalar in older runs), g = 0.25 (ckpt["cut_exponent"]; 0 in older runs). One global cut cannot do it:
+the data's empty share falls from ~0.96 in the first layers to ~0.6 at the maximum. A cut on fractions alone (g = 0)
+leaves a layer's empty share blind to its energy, while the data's falls with it (the readout threshold is in MeV;
+correlation with log E_inc -0.9 at the shower maximum on the toy); an energy threshold (g = 1) follows the
+decoder's imprecise small fractions. g = 0.25 had the lowest sparsity + voxel-spectrum separation on the toy's
+validation split (`python vae.py --calibrate --cut-exponent G` re-fits a trained VAE's cut; docs/RESULTS.md).
 """
 import argparse
 import json
@@ -64,6 +66,7 @@ PRESETS = {  # down/up-sampling conv of block 1 and the resulting latent grid (S
 }
 LOGVAR_INIT = -6.0  # initial bias of the logvar conv: a narrow posterior from the first step
 DEFAULT_CUT = 1e-4  # normalised cut when a checkpoint carries no calibrated one
+CUT_EXPONENT = 0.25  # g of the cut c_l (E_l / 1 GeV)^-g
 
 
 def parse_args(argv=None):
@@ -101,6 +104,10 @@ def parse_args(argv=None):
     s.add_argument("--output", help="output file (default: next to the checkpoint or the latent file)")
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--cut", type=float, help="one normalised cut on voxel fractions (default: the calibrated per-layer ones)")
+    s.add_argument("--cut-exponent", type=float, help=f"g of the cut c_l (E_l / 1 GeV)^-g (training and --calibrate: "
+                   f"default {CUT_EXPONENT}; decoding: the checkpoint's)")
+    s.add_argument("--calibrate", action="store_true", help="re-fit the cut of the VAE --ckpt on its validation "
+                   "showers (e.g. with another --cut-exponent) and rewrite its checkpoint")
     return common.check_args(p.parse_args(argv))
 
 
@@ -206,12 +213,15 @@ def vae_loss(model, frac, cond, beta, generator=None):
     return bce + beta * (-0.5 * (1 + logvar - mu ** 2 - logvar.exp()).mean()), bce
 
 
-def decoded_to_showers(frac, layer_e, cut):
-    """The normalised cut: renormalise each decoded layer, zero fractions below `cut` (a number, or one per layer)
-    but keep the layer's largest voxel, so that no layer loses its energy; renormalise, scale by the layer energies."""
+def decoded_to_showers(frac, layer_e, cut, exponent=0.0):
+    """The normalised cut: renormalise each decoded layer, zero fractions below cut * (E_l / 1 GeV)^-exponent (cut: a
+    number, or one per layer) but keep the layer's largest voxel, so that no layer loses its energy; renormalise,
+    scale by the layer energies (B, 45) in MeV."""
     f = frac.double().reshape(frac.shape[0], common.N_LAYERS, -1).clamp(min=0)
     f = f / f.sum(-1, keepdim=True).clamp(min=1e-300)
-    cut = torch.as_tensor(cut, dtype=f.dtype, device=f.device).reshape(-1, 1)  # (1, 1) or (45, 1)
+    cut = torch.as_tensor(cut, dtype=f.dtype, device=f.device).reshape(1, -1, 1)  # (1, 1, 1) or (1, 45, 1)
+    if exponent:
+        cut = cut * (layer_e.to(f).clamp(min=1e-3) / 1e3).pow(-exponent)[..., None]
     f = torch.where((f >= cut) | (f == f.amax(-1, keepdim=True)), f, 0.0)
     return common.fractions_to_showers(f, layer_e, cut=0.0)
 
@@ -233,7 +243,7 @@ def batch_inputs(e_inc, showers, ds, cond_stats, device):
     return frac.unsqueeze(1), common.shape_condition(e_inc, u, cond_stats), layer_e, u
 
 
-CUT_GRID = np.logspace(-7, -1, 61)  # candidate normalised cuts, a tenth of a decade apart
+CUT_GRID = np.logspace(-7, 0, 71)  # candidate normalised cuts, a tenth of a decade apart
 
 
 def _layer_zeros(x):
@@ -242,9 +252,9 @@ def _layer_zeros(x):
     return (x.reshape(len(x), common.N_LAYERS, -1) < common.MIN_ENERGY).sum((0, 2)).double().cpu().numpy()
 
 
-def _zero_counts(rec, layer_e, grid=CUT_GRID):
+def _zero_counts(rec, layer_e, exponent, grid=CUT_GRID):
     """(len(grid), 45): empty voxels per layer of the showers decoded with every cut of the grid."""
-    return np.stack([_layer_zeros(decoded_to_showers(rec, layer_e, cut)) for cut in grid])
+    return np.stack([_layer_zeros(decoded_to_showers(rec, layer_e, cut, exponent)) for cut in grid])
 
 
 def _best_cut(zeros, data_zeros, size, n, grid=CUT_GRID):
@@ -255,27 +265,41 @@ def _best_cut(zeros, data_zeros, size, n, grid=CUT_GRID):
                                             "recon_sparsity": float(rec_zeros / size), "n": n}
 
 
-def calibrate_decoded(rec, layer_e, showers):
+def calibrate_decoded(rec, layer_e, showers, exponent=CUT_EXPONENT):
     """The per-layer cuts in CUT_GRID whose showers decoded from `rec` (fractions) and `layer_e` have the empty
     voxels of every layer of `showers` (raw MeV, same rows); returns (cuts, info). Also for a decoder that ignores
     its latent (the mean shower)."""
-    return _best_cut(_zero_counts(rec, layer_e), _layer_zeros(showers), np.asarray(showers).size, len(rec))
+    return _best_cut(_zero_counts(rec, layer_e, exponent), _layer_zeros(showers), np.asarray(showers).size, len(rec))
 
 
 @torch.no_grad()
-def calibrate_cut(vae, e_inc, showers, ds, cond_stats, device, batch_size=256):
-    """The per-layer cuts in CUT_GRID (1e-7 ... 1e-1) whose reconstructions have the data's empty voxels per layer."""
+def calibrate_cut(vae, e_inc, showers, ds, cond_stats, device, exponent=CUT_EXPONENT, batch_size=256):
+    """The per-layer cuts in CUT_GRID (1e-7 ... 1) whose reconstructions have the data's empty voxels per layer."""
     zeros, data_zeros = 0.0, 0.0
     for s in range(0, len(e_inc), batch_size):
         frac, cond, layer_e, _ = batch_inputs(e_inc[s:s + batch_size], showers[s:s + batch_size], ds, cond_stats, device)
         data_zeros = data_zeros + _layer_zeros(showers[s:s + batch_size])
-        zeros = zeros + _zero_counts(vae.decode(vae.encode(frac, cond)[0], cond), layer_e)
+        zeros = zeros + _zero_counts(vae.decode(vae.encode(frac, cond)[0], cond), layer_e, exponent)
     return _best_cut(zeros, data_zeros, showers.size, len(e_inc))
 
 
-def describe_cut(cut):
+def fit_cut(vae, e_inc, showers, train_idx, val_idx, ds, stats, device, exponent, log=print):
+    """The normalised cut of a trained VAE, calibrated on (at most 2,000 of) its validation showers."""
+    cal = val_idx[:2000] if len(val_idx) else train_idx[:2000]
+    cut, info = calibrate_cut(vae.eval(), e_inc[cal], showers[cal], ds, stats["cond"], device, exponent)
+    log(f"normalised cut {describe_cut(cut, exponent)}: empty voxels {info['recon_sparsity']:.4f} "
+        f"reconstructed vs {info['data_sparsity']:.4f} data")
+    return cut, {**info, "exponent": exponent}
+
+
+def cut_exponent_of(ckpt):
+    return (ckpt or {}).get("cut_exponent", 0.0)  # 0: checkpoints from before the energy-dependent cut
+
+
+def describe_cut(cut, exponent=0.0):
     c = np.atleast_1d(np.asarray(cut, dtype=float))
-    return f"{c[0]:.2e}" if len(c) == 1 else f"{c.min():.1e} ... {c.max():.1e} (per layer)"
+    text = f"{c[0]:.2e}" if len(c) == 1 else f"{c.min():.1e} ... {c.max():.1e} (per layer)"
+    return text + (f" x (E_l / 1 GeV)^-{exponent:g}" if exponent else "")
 
 
 # ----------------------------------------------------------------------------- training
@@ -321,6 +345,7 @@ def train(args):
         ({"train_loss": [], "val_loss": []}, 0, 0, 0)
     net, counts = common.wrap_model(vae, device, world, args.compile), {"nonfinite": nonfinite}
     config, cut, cut_info = common.json_config(args), (ckpt or {}).get("cut"), (ckpt or {}).get("cut_info")
+    exponent, cut_exponent = CUT_EXPONENT if args.cut_exponent is None else args.cut_exponent, cut_exponent_of(ckpt)
     log(f"{'resuming' if ckpt else 'run'} {run_dir} at epoch {start}; config {json.dumps(config)}")
     log(f"device {device} x {world}; {len(train_idx)} train / {len(val_idx)} val showers; "
         f"{common.count_parameters(vae):,} trainable parameters; {steps_per_epoch} steps per epoch")
@@ -351,15 +376,14 @@ def train(args):
             f"{sched.get_last_lr()[0]:.2e} {steps_per_epoch * args.batch_size / (time.time() - tic):.0f} samples/s "
             f"skipped {counts['nonfinite']}")
         if rank == 0 and epoch + 1 == last:  # the normalised cut that restores the data's sparsity
-            cal = val_idx[:2000] if len(val_idx) else train_idx[:2000]
-            cut, cut_info = calibrate_cut(vae.eval(), e_inc[cal], showers[cal], args.ds, stats["cond"], device)
-            log(f"normalised cut {describe_cut(cut)}: empty voxels {cut_info['recon_sparsity']:.4f} reconstructed vs "
-                f"{cut_info['data_sparsity']:.4f} data")
+            cut, cut_info = fit_cut(vae, e_inc, showers, train_idx, val_idx, args.ds, stats, device, exponent, log)
+            cut_exponent = exponent
         if rank == 0 and ((epoch + 1) % args.ckpt_every == 0 or epoch + 1 == last):
             common.save_checkpoint(run_dir / "ckpt.pt", script=SCRIPT, ds=args.ds, config=config,
                                    model_args=model_args, model=vae.state_dict(), optimizer=opt.state_dict(),
                                    scheduler=sched.state_dict(), epoch=epoch + 1, step=step, stats=stats,
-                                   history=history, nonfinite=counts["nonfinite"], cut=cut, cut_info=cut_info)
+                                   history=history, nonfinite=counts["nonfinite"], cut=cut, cut_info=cut_info,
+                                   cut_exponent=cut_exponent)
     common.finish_run(log, run_dir, history, last, args.epochs)
     return run_dir
 
@@ -406,6 +430,7 @@ def decode(args):
         raise common.DataError(f"{args.decode} holds latents of shape {data[latent_key].shape[1:]}, but the VAE "
                                f"{path} decodes {vae.latent_shape}")
     cut = args.cut if args.cut is not None else (ckpt.get("cut") or DEFAULT_CUT)
+    exponent = cut_exponent_of(ckpt) if args.cut_exponent is None else args.cut_exponent
     latents = Path(args.decode)
     output = Path(args.output or latents.with_name(latents.name.replace("latents", "gen") if "latents" in latents.name
                                                    else f"gen_{latents.name}"))
@@ -415,13 +440,14 @@ def decode(args):
             e, u = e_all[s:s + 1000].to(device), u_all[s:s + 1000].to(device)
             cond = common.shape_condition(e, u, common.to_device(ckpt["stats"]["cond"], device))
             frac = vae.decode(torch.from_numpy(data[latent_key][s:s + 1000]).to(device), cond)
-            w.write(e, decoded_to_showers(frac, common.u_to_energies(e, u), cut))
+            w.write(e, decoded_to_showers(frac, common.u_to_energies(e, u), cut, exponent))
     seconds = time.time() - t0
     info = {k: v for k, v in attrs.items() if isinstance(v, (str, int, float))}
-    info.update(file=str(output), n=n, latents=str(latents), vae_ckpt=str(path), cut=cut, seconds_decode=seconds,
+    info.update(file=str(output), n=n, latents=str(latents), vae_ckpt=str(path), cut=cut, cut_exponent=exponent,
+                seconds_decode=seconds,
                 ms_per_shower_decode=1e3 * seconds / n)
     common.atomic_write(f"{output}.json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1) + "\n"))
-    print(f"wrote {output}: {n} showers decoded with {path} (cut {describe_cut(cut)}), {1e3 * seconds / n:.2f} ms per shower")
+    print(f"wrote {output}: {n} showers decoded with {path} (cut {describe_cut(cut, exponent)}), {1e3 * seconds / n:.2f} ms per shower")
     return output
 
 
@@ -432,19 +458,37 @@ def reconstruct(args):
     like = [args.like] if args.like else [str(p) for p in common.data_files(args.ds, args.data_dir, args.toy, "ref")]
     n = common.count_showers(like, args.ds, args.n)
     cut = args.cut if args.cut is not None else (ckpt.get("cut") or DEFAULT_CUT)
+    exponent = cut_exponent_of(ckpt) if args.cut_exponent is None else args.cut_exponent
     output = Path(args.output or run_dir / f"recon_{Path(like[0]).stem}.hdf5")
-    print(f"reconstructing {n} showers of {' '.join(like)} with {path} (epoch {ckpt['epoch']}), cut {describe_cut(cut)}")
+    print(f"reconstructing {n} showers of {' '.join(like)} with {path} (epoch {ckpt['epoch']}), cut {describe_cut(cut, exponent)}")
     with common.ShowerWriter(output, n, args.ds, args.overwrite) as w:
         for e, x in common.iter_showers(like, args.ds, n, 1000, not args.no_progress):
             frac, cond, layer_e, _ = batch_inputs(e, x, args.ds, ckpt["stats"]["cond"], device)
-            w.write(e, decoded_to_showers(vae.decode(vae.encode(frac, cond)[0], cond), layer_e, cut))
+            w.write(e, decoded_to_showers(vae.decode(vae.encode(frac, cond)[0], cond), layer_e, cut, exponent))
     print(f"wrote {output}")
     return output
+
+
+def calibrate(args):
+    """Re-fit the normalised cut of a trained VAE on its validation showers, as training does at its end."""
+    device, path, vae, ckpt, run_dir = _vae_and_io(args)
+    common.lock_folder(run_dir, "training or calibration")  # no trainer writes this checkpoint meanwhile
+    cfg, exponent = ckpt["config"], CUT_EXPONENT if args.cut_exponent is None else args.cut_exponent
+    files = cfg["files"] or [str(p) for p in common.data_files(ckpt["ds"], cfg["data_dir"], cfg["toy"], "train")]
+    e_inc, showers = common.load_showers(files, ckpt["ds"], cfg["max_showers"], progress=not args.no_progress)
+    train_idx, val_idx = common.split_indices(len(e_inc), cfg["val_fraction"], cfg["seed"])
+    cut, info = fit_cut(vae, e_inc, showers, train_idx, val_idx, ckpt["ds"], ckpt["stats"], device, exponent)
+    target = path if path.is_file() else path / "ckpt.pt"
+    common.save_checkpoint(target, **{**ckpt, "cut": cut, "cut_info": info, "cut_exponent": exponent})
+    print(f"rewrote {target} with the new cut")
+    return target
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
+        if args.calibrate:
+            return calibrate(args)
         if args.encode:
             return encode(args)
         if args.decode:

@@ -107,7 +107,36 @@ def test_cut_calibrated_per_layer():
     showers = torch.where(torch.rand(40, 45, 144) < target[:, None], 0.0, 1.0).reshape(40, -1).numpy()
     cuts, info = V.calibrate_decoded(frac, layer_e, showers)
     assert len(cuts) == 45 and all(a <= b for a, b in zip(cuts, cuts[1:]))  # more zeros want a higher cut
-    empty = (V.decoded_to_showers(frac, layer_e, cuts).reshape(40, 45, -1) == 0).double().mean((0, 2))
+    empty = (V.decoded_to_showers(frac, layer_e, cuts, V.CUT_EXPONENT).reshape(40, 45, -1) == 0).double().mean((0, 2))
     assert (empty - target.double()).abs().max() < 0.1 and abs(info["recon_sparsity"] - info["data_sparsity"]) < 0.02
     one = (V.decoded_to_showers(frac, layer_e, 0.5 / 72).reshape(40, 45, -1) == 0).double().mean((0, 2))
     assert (one - target.double()).abs().max() > 0.25  # one cut for all layers misses the ends
+
+
+def test_cut_falls_with_the_layer_energy():
+    torch.manual_seed(0)
+    frac = torch.rand(1, 45, 16, 9).expand(2, -1, -1, -1)  # one decoded shape ...
+    layer_e = torch.tensor([[10.0] * 45, [1e5] * 45])  # ... at 10 MeV and at 100 GeV in every layer
+    hits = lambda x: (x.reshape(2, 45, -1) > 0).sum(-1)  # noqa: E731
+    flat = hits(V.decoded_to_showers(frac, layer_e, 1e-2))
+    assert torch.equal(flat[0], flat[1])  # a cut on fractions alone: the same empty voxels at every energy
+    scaled = hits(V.decoded_to_showers(frac, layer_e, 1e-2, 0.25))
+    assert (scaled[1] > scaled[0]).all()  # the energetic layer keeps more voxels, like a threshold in MeV
+    assert torch.equal(scaled[0], hits(V.decoded_to_showers(frac, layer_e[:1], 1e-2 * 100 ** 0.25))[0])  # c (E/GeV)^-g
+    assert V.cut_exponent_of({"cut": [1e-3] * 45}) == 0.0  # older checkpoints decode as they were made
+
+
+def test_calibrate_rewrites_the_cut(chain, toy_ds2, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "ckpt.pt").write_bytes((chain["vae"] / "ckpt.pt").read_bytes())
+    before = C.load_checkpoint(run)
+    assert before["cut_exponent"] == V.CUT_EXPONENT and before["cut_info"]["exponent"] == V.CUT_EXPONENT
+    V.main(["--calibrate", "--ckpt", str(run), "--cut-exponent", "0", *QUIET])
+    after = C.load_checkpoint(run)
+    assert after["cut_exponent"] == 0 and len(after["cut"]) == 45 and after["cut"] != before["cut"]
+    assert all(torch.equal(after["model"][k], before["model"][k]) for k in before["model"])  # only the cut changes
+    assert after["cut_info"]["exponent"] == 0 and after["cut_info"]["n"] == before["cut_info"]["n"]  # same showers
+    rec = V.main(["--reconstruct", "--ckpt", str(run), "--like", str(toy_ds2 / "toy_ds2_train.hdf5"), "--n", "4",
+                  "--output", str(tmp_path / "rec.hdf5"), *QUIET])
+    assert C.load_showers(rec, 2, progress=False)[1].shape == (4, 6480)

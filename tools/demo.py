@@ -32,7 +32,7 @@ TOY = {
     "data": ["--n", "6000", "--n-ref", "3000"],
     "energy": ["--epochs", "10", "--batch-size", "64", "--lr", "1e-3", "--val-every", "2", "--ckpt-every", "1"],
     "shape": ["--preset", "small", "--epochs", "10", "--val-every", "2", "--ckpt-every", "1"],
-    "vae": ["--channels", "16", "--epochs", "2", "--val-every", "2", "--ckpt-every", "2"],  # --latent: ~25 CPU min more
+    "vae": ["--channels", "16", "--epochs", "8", "--stop-after", "4", "--val-every", "4", "--ckpt-every", "4"],  # --latent
     "latent": ["--preset", "small", "--epochs", "8", "--val-every", "2", "--ckpt-every", "2"],
     "bespoke": ["--preset", "small", "--steps", "8", "--loss", "local", "--iters", "300"],
     "energy_sample": ["--steps", "5"],  # the fast setting (docs/RESULTS.md: as good as RK4 50 on the toy showers)
@@ -115,7 +115,8 @@ class Chain:
                 self.refuse_live(resume)
             old = sorted((self.dir / "runs").glob(f"{resume}-ds{self.ds}-*/ckpt.pt")) if resume else []
             if old:
-                cmd = [resume + ".py", "--resume", old[-1].parent, "--no-progress"] + (
+                stop = cmd[cmd.index("--stop-after"):][:2] if "--stop-after" in cmd else []  # a runtime flag
+                cmd = [resume + ".py", "--resume", old[-1].parent, "--no-progress", *stop] + (
                     ["--device", self.args.device] if self.args.device else [])
             cmd = [sys.executable, str(ROOT / cmd[0])] + [str(c) for c in cmd[1:]]
             print(f"[demo] {name}: {' '.join(cmd[1:])}", flush=True)

@@ -1,9 +1,11 @@
 """Learning curves of the latent chain (VAE reconstruction, VAE + laViT) next to the full-space ViT, on the same data,
 against training steps and CPU seconds: the paper's efficiency claim (Sec. 3.3) measured on a CPU.
 
-    python tools/latent_curves.py --data /tmp/latent/data --out /tmp/latent/curves --vae-channels 16 \
-        --vae-epochs 24 --vae-at 6 12 24 --lavit-epochs 8 32 --vit-epochs 10 40 --baselines
-    python tools/latent_curves.py --out /tmp/latent/curves --table        # only the table and the plot
+    python tools/latent_curves.py --data DATA --out OUT --vae-channels 16 --vae-epochs 8 --vae-at 1 2 4 8 \
+        --lavit-epochs 8 32 --n 1000
+    python tools/latent_curves.py --data DATA --out OUT --baselines --vit-epochs 10 40 --n 1000   # beside it
+    python tools/latent_curves.py --data DATA --out OUT --vae-channels 64 --vae-epochs 8 --vae-at 1 --n 1000
+    python tools/latent_curves.py --out OUT --table                        # only the table and the plot
 
 Every point is one training schedule of the stage scripts (subprocesses, so that their CPU seconds are measured
 exactly: user + sys of the child, the cost on an idle machine); `--vae-at` evaluates the VAE after the given epochs
@@ -185,7 +187,8 @@ def mean_shower(train, ref, out, ds, seed=0, max_showers=None, n=None):
     cut = vae.calibrate_decoded(mean.expand(len(val_idx), -1, -1, -1), layer_e[val_idx], x[val_idx])[0]
     e_ref, x_ref = common.load_showers(ref, ds, n, progress=False)
     layer_ref = common.voxel_fractions(torch.from_numpy(x_ref), ds)[1]
-    common.write_showers(out, e_ref, vae.decoded_to_showers(mean.expand(len(e_ref), -1, -1, -1), layer_ref, cut)
+    common.write_showers(out, e_ref, vae.decoded_to_showers(mean.expand(len(e_ref), -1, -1, -1), layer_ref, cut,
+                                                            vae.CUT_EXPONENT)
                          .numpy(), ds, overwrite=True)
     return out, {**bce, "cut": cut}
 
@@ -269,6 +272,7 @@ def plot(table, path):
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     series = {"VAE reconstruction": ("vae", "train_cpu_s"), "laViT (its training only)": ("lavit", "train_cpu_s"),
               "VAE + laViT (whole chain)": ("lavit", "chain_cpu_s"), "ViT": ("vit", "train_cpu_s")}
+    trained = any(r.get("train_cpu_s") for r in table)  # a log axis needs one trained point
     for label, (kind, x) in series.items():
         pts = sorted((r[x], r) for r in table if r["kind"] == kind and r.get(x))
         for ax, key in zip(axes, ("auc_low", "auc_high", "sparsity")):
@@ -278,7 +282,7 @@ def plot(table, path):
             if r["kind"] in ("mean", "truth"):
                 value = r["auc_low" if "low" in key else "auc_high" if "high" in key else "sparsity"]
                 ax.axhline(value, ls="--", color="grey" if r["kind"] == "mean" else "green", lw=1)
-        ax.set(xscale="log", xlabel="training CPU seconds", title=key)
+        ax.set(xscale="log" if trained else "linear", xlabel="training CPU seconds", title=key)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

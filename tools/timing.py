@@ -326,7 +326,7 @@ def vae_decode(nets, z, e_inc, u, device, chunk=1000):
     for s in range(0, len(z), chunk):
         e, uu = e_inc[s:s + chunk].to(device), u[s:s + chunk].to(device)
         frac = model.decode(z[s:s + chunk].to(device), common.shape_condition(e, uu, cond_stats))
-        out.append(vae.decoded_to_showers(frac, common.u_to_energies(e, uu), cut).cpu())
+        out.append(vae.decoded_to_showers(frac, common.u_to_energies(e, uu), cut, vae.cut_exponent_of(ckpt)).cpu())
     return torch.cat(out)
 
 
