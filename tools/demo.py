@@ -32,7 +32,7 @@ TOY = {
     "data": ["--n", "6000", "--n-ref", "3000"],
     "energy": ["--epochs", "10", "--batch-size", "64", "--lr", "1e-3", "--val-every", "2", "--ckpt-every", "1"],
     "shape": ["--preset", "small", "--epochs", "10", "--val-every", "2", "--ckpt-every", "1"],
-    "vae": ["--channels", "16", "--epochs", "8", "--stop-after", "4", "--val-every", "4", "--ckpt-every", "4"],  # --latent
+    "vae": ["--channels", "16", "--epochs", "8", "--stop-after", "4", "--val-every", "4", "--ckpt-every", "4"],  # --latent: ~31 CPU min
     "latent": ["--preset", "small", "--epochs", "8", "--val-every", "2", "--ckpt-every", "2"],
     "bespoke": ["--preset", "small", "--steps", "8", "--loss", "local", "--iters", "300"],
     "energy_sample": ["--steps", "5"],  # the fast setting (docs/RESULTS.md: as good as RK4 50 on the toy showers)
