@@ -292,8 +292,12 @@ def fit_cut(vae, e_inc, showers, train_idx, val_idx, ds, stats, device, exponent
     return cut, {**info, "exponent": exponent}
 
 
-def cut_exponent_of(ckpt):
-    return (ckpt or {}).get("cut_exponent", 0.0)  # 0: checkpoints from before the energy-dependent cut
+def cut_of(ckpt, cut=None, exponent=None):
+    """(cut, exponent) a decoder applies: the given ones, else the checkpoint's; a checkpoint from before the
+    energy-dependent cut has exponent 0, one without a calibrated cut DEFAULT_CUT."""
+    ckpt = ckpt or {}
+    return ((ckpt.get("cut") or DEFAULT_CUT) if cut is None else cut,
+            ckpt.get("cut_exponent", 0.0) if exponent is None else exponent)
 
 
 def describe_cut(cut, exponent=0.0):
@@ -345,7 +349,7 @@ def train(args):
         ({"train_loss": [], "val_loss": []}, 0, 0, 0)
     net, counts = common.wrap_model(vae, device, world, args.compile), {"nonfinite": nonfinite}
     config, cut, cut_info = common.json_config(args), (ckpt or {}).get("cut"), (ckpt or {}).get("cut_info")
-    exponent, cut_exponent = CUT_EXPONENT if args.cut_exponent is None else args.cut_exponent, cut_exponent_of(ckpt)
+    exponent, cut_exponent = CUT_EXPONENT if args.cut_exponent is None else args.cut_exponent, cut_of(ckpt)[1]
     log(f"{'resuming' if ckpt else 'run'} {run_dir} at epoch {start}; config {json.dumps(config)}")
     log(f"device {device} x {world}; {len(train_idx)} train / {len(val_idx)} val showers; "
         f"{common.count_parameters(vae):,} trainable parameters; {steps_per_epoch} steps per epoch")
@@ -396,12 +400,16 @@ def _vae_and_io(args, default_ckpt=None):
     return device, path, vae, ckpt, (path if path.is_dir() else path.parent)
 
 
+def training_files(ckpt):
+    cfg = ckpt["config"]
+    return cfg["files"] or [str(p) for p in common.data_files(ckpt["ds"], cfg["data_dir"], cfg["toy"], "train")]
+
+
 @torch.no_grad()
 def encode(args):
     """Showers (--like, default the training files) -> latent file of mu, logvar, E_inc and u's (latent_vit.py)."""
     device, path, vae, ckpt, run_dir = _vae_and_io(args)
-    files = [args.like] if args.like else ckpt["config"]["files"] or [
-        str(p) for p in common.data_files(args.ds, ckpt["config"]["data_dir"], ckpt["config"]["toy"])]
+    files = [args.like] if args.like else training_files(ckpt)
     n = common.count_showers(files, args.ds, args.n)
     output = Path(args.output or run_dir / ("latents.hdf5" if not args.like else f"latents_{Path(args.like).stem}.hdf5"))
     lat = vae.latent_shape
@@ -429,8 +437,7 @@ def decode(args):
     if data[latent_key].shape[1:] != vae.latent_shape:
         raise common.DataError(f"{args.decode} holds latents of shape {data[latent_key].shape[1:]}, but the VAE "
                                f"{path} decodes {vae.latent_shape}")
-    cut = args.cut if args.cut is not None else (ckpt.get("cut") or DEFAULT_CUT)
-    exponent = cut_exponent_of(ckpt) if args.cut_exponent is None else args.cut_exponent
+    cut, exponent = cut_of(ckpt, args.cut, args.cut_exponent)
     latents = Path(args.decode)
     output = Path(args.output or latents.with_name(latents.name.replace("latents", "gen") if "latents" in latents.name
                                                    else f"gen_{latents.name}"))
@@ -457,8 +464,7 @@ def reconstruct(args):
     device, path, vae, ckpt, run_dir = _vae_and_io(args)
     like = [args.like] if args.like else [str(p) for p in common.data_files(args.ds, args.data_dir, args.toy, "ref")]
     n = common.count_showers(like, args.ds, args.n)
-    cut = args.cut if args.cut is not None else (ckpt.get("cut") or DEFAULT_CUT)
-    exponent = cut_exponent_of(ckpt) if args.cut_exponent is None else args.cut_exponent
+    cut, exponent = cut_of(ckpt, args.cut, args.cut_exponent)
     output = Path(args.output or run_dir / f"recon_{Path(like[0]).stem}.hdf5")
     print(f"reconstructing {n} showers of {' '.join(like)} with {path} (epoch {ckpt['epoch']}), cut {describe_cut(cut, exponent)}")
     with common.ShowerWriter(output, n, args.ds, args.overwrite) as w:
@@ -474,8 +480,8 @@ def calibrate(args):
     device, path, vae, ckpt, run_dir = _vae_and_io(args)
     common.lock_folder(run_dir, "training or calibration")  # no trainer writes this checkpoint meanwhile
     cfg, exponent = ckpt["config"], CUT_EXPONENT if args.cut_exponent is None else args.cut_exponent
-    files = cfg["files"] or [str(p) for p in common.data_files(ckpt["ds"], cfg["data_dir"], cfg["toy"], "train")]
-    e_inc, showers = common.load_showers(files, ckpt["ds"], cfg["max_showers"], progress=not args.no_progress)
+    e_inc, showers = common.load_showers(training_files(ckpt), ckpt["ds"], cfg["max_showers"],
+                                         progress=not args.no_progress)
     train_idx, val_idx = common.split_indices(len(e_inc), cfg["val_fraction"], cfg["seed"])
     cut, info = fit_cut(vae, e_inc, showers, train_idx, val_idx, ckpt["ds"], ckpt["stats"], device, exponent)
     target = path if path.is_file() else path / "ckpt.pt"

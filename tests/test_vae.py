@@ -123,7 +123,7 @@ def test_cut_falls_with_the_layer_energy():
     scaled = hits(V.decoded_to_showers(frac, layer_e, 1e-2, 0.25))
     assert (scaled[1] > scaled[0]).all()  # the energetic layer keeps more voxels, like a threshold in MeV
     assert torch.equal(scaled[0], hits(V.decoded_to_showers(frac, layer_e[:1], 1e-2 * 100 ** 0.25))[0])  # c (E/GeV)^-g
-    assert V.cut_exponent_of({"cut": [1e-3] * 45}) == 0.0  # older checkpoints decode as they were made
+    assert V.cut_of({"cut": [1e-3] * 45}) == ([1e-3] * 45, 0.0)  # older checkpoints decode as they were made
 
 
 def test_calibrate_rewrites_the_cut(chain, toy_ds2, tmp_path):

@@ -65,8 +65,7 @@ def loss_split(ckpt, files, draws=2, bins=5, batch_size=100, seed=1):
 
 def main(argv=None):
     args = parse_args(argv)
-    path = Path(args.ckpt)
-    ckpt = common.load_checkpoint(path / "ckpt.pt" if path.is_dir() else path, "shape_vit")
+    ckpt = common.load_checkpoint(args.ckpt, "shape_vit")  # a run folder or its ckpt.pt
     out = loss_split(ckpt, args.files or ckpt["config"]["files"], args.draws, args.bins, args.batch_size, args.seed)
     edges = np.linspace(0, 1, args.bins + 1)
     print(f"epoch {out['epoch']}, step {out['step']}; share of empty voxels {out['share_empty']:.3f}")

@@ -322,11 +322,11 @@ def load_chain(runs, ds, chain, device):
 def vae_decode(nets, z, e_inc, u, device, chunk=1000):
     """vae.py --decode on latents in memory (chunks of 1000 as there): decoder, the normalised cut, showers (CPU)."""
     model, ckpt = nets["vae"]
-    cond_stats, cut, out = common.to_device(ckpt["stats"]["cond"], device), ckpt.get("cut") or vae.DEFAULT_CUT, []
+    cond_stats, (cut, exponent), out = common.to_device(ckpt["stats"]["cond"], device), vae.cut_of(ckpt), []
     for s in range(0, len(z), chunk):
         e, uu = e_inc[s:s + chunk].to(device), u[s:s + chunk].to(device)
         frac = model.decode(z[s:s + chunk].to(device), common.shape_condition(e, uu, cond_stats))
-        out.append(vae.decoded_to_showers(frac, common.u_to_energies(e, uu), cut, vae.cut_exponent_of(ckpt)).cpu())
+        out.append(vae.decoded_to_showers(frac, common.u_to_energies(e, uu), cut, exponent).cpu())
     return torch.cat(out)
 
 
